@@ -1,0 +1,81 @@
+"""LoRA residuals on frozen nn.Linear layers, added by forward hooks.
+
+The frozen weights are never copied or modified: each hooked layer's output gets
+``(x @ B) @ Aᵀ`` added, where (A, B) are either
+
+* the *trainable* factors of the concept being learned (bound before every forward pass, so
+  autograd sees whatever tensors the optimiser passes in, including non-leaf ones from a
+  differentiable inner step), and/or
+* the *composed* factors of frozen concepts, concatenated once into a single rank-Σr pair per
+  layer (composition is a plain sum: Σ s_i A_i B_iᵀ = [s_1A_1 …] [B_1 …]ᵀ).
+
+``remove()`` restores the model exactly.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+Factors = tuple[Tensor, Tensor]  # (A: n × r, B: m × r)
+
+
+def compose_factors(parts: Iterable[tuple[float, Tensor, Tensor]]) -> Factors:
+    """Stack (scale, A, B) triples into one pair with A_cat B_catᵀ = Σ scale·A Bᵀ."""
+    parts = list(parts)
+    a_cat = torch.cat([s * a for s, a, _ in parts], dim=1)  # (n, Σr)
+    b_cat = torch.cat([b for _, _, b in parts], dim=1)  # (m, Σr)
+    return a_cat, b_cat
+
+
+def lora_delta(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """(x @ B) @ Aᵀ in x's dtype; x: (..., m) → (..., n)."""
+    return (x @ b.to(x.dtype)) @ a.to(x.dtype).T
+
+
+class LoRAHooks:
+    """Forward hooks adding trainable and composed LoRA residuals to named linear layers."""
+
+    def __init__(self, layers: Mapping[str, nn.Linear]):
+        self.layers = dict(layers)
+        self.trainable: dict[str, Factors] = {}
+        self.composed: dict[str, Factors] = {}
+        self._handles = [module.register_forward_hook(self._make_hook(name))
+                         for name, module in self.layers.items()]
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+            x = inputs[0]
+            for table in (self.composed, self.trainable):
+                pair = table.get(name)
+                if pair is not None:
+                    output = output + lora_delta(x, *pair)
+            return output
+        return hook
+
+    def bind(self, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> None:
+        """Use these factors as the trainable concept's residual from now on."""
+        self.trainable = {name: (a[name], b[name]) for name in a}
+
+    def unbind(self) -> None:
+        self.trainable = {}
+
+    def set_composed(self, per_layer: Mapping[str, Factors]) -> None:
+        """Frozen concepts' residuals, already stacked per layer (see :func:`compose_factors`)."""
+        device_of = {name: module.weight.device for name, module in self.layers.items()}
+        self.composed = {name: (a.to(device_of[name]), b.to(device_of[name]))
+                         for name, (a, b) in per_layer.items() if name in self.layers}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.trainable = {}
+        self.composed = {}
+
+    def __enter__(self) -> "LoRAHooks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
