@@ -1,0 +1,117 @@
+"""Loading an SD-1.5 base for the standalone path, offline, from shipped configs or local files.
+
+``tiny``        SD-1.5 block structure with small widths, random weights from a fixed seed, the
+                real CLIP BPE vocabulary: the embedded default for tests and the demo.
+``sd15-random`` the full-size SD-1.5 architecture with random weights (benchmarks).
+PATH            a real SD-1.5: a diffusers folder, or one original-format ``.safetensors`` file
+                (converted by diffusers' single-file loaders against our shipped configs).
+Nothing here reaches a hub.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+CONFIGS = Path(__file__).parent / "configs"
+BASE_SEED = 20260521
+
+
+@dataclass
+class Components:
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    architecture: str  # "sd15" or "sd15-tiny"
+
+
+def _read(path: Path) -> dict:
+    with open(path) as f:
+        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+
+
+def random_components(name: str) -> Components:
+    """Random-weight SD-1.5-architecture modules from the shipped configs, seeded."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizer_data import load_clip_tokenizer
+
+    folder = CONFIGS / ("tiny" if name == "tiny" else "sd15")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BASE_SEED)
+        unet = UNet2DConditionModel(**_read(folder / "unet" / "config.json"))
+        vae = AutoencoderKL(**_read(folder / "vae" / "config.json"))
+        te_cfg = _read(folder / "text_encoder" / "config.json")
+        te_cfg.pop("architectures", None)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
+    return Components(unet, vae, text_encoder, load_clip_tokenizer(),
+                      _read(folder / "scheduler" / "scheduler_config.json"),
+                      "sd15-tiny" if name == "tiny" else "sd15")
+
+
+def folder_components(path: Path) -> Components:
+    """A diffusers-format SD-1.5 folder (unet/, vae/, text_encoder/, optional tokenizer/)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .tokenizer_data import load_clip_tokenizer
+
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+    tok_dir = path / "tokenizer"
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True) if tok_dir.is_dir() else load_clip_tokenizer()
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    scheduler = _read(sched_file) if sched_file.exists() else _read(CONFIGS / "sd15" / "scheduler" / "scheduler_config.json")
+    width = text_encoder.config.hidden_size
+    return Components(unet, vae, text_encoder, tokenizer, scheduler, "sd15" if width == 768 else "sd15-tiny")
+
+
+def single_file_components(path: Path) -> Components:
+    """One original-format checkpoint (model.diffusion_model.*, first_stage_model.*,
+    cond_stage_model.transformer.*), converted with diffusers' single-file loaders."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizer_data import load_clip_tokenizer
+
+    cfg = str(CONFIGS / "sd15")
+    unet = UNet2DConditionModel.from_single_file(str(path), config=cfg, subfolder="unet", local_files_only=True)
+    vae = AutoencoderKL.from_single_file(str(path), config=cfg, subfolder="vae", local_files_only=True)
+    te_cfg = _read(CONFIGS / "sd15" / "text_encoder" / "config.json")
+    te_cfg.pop("architectures", None)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
+    prefix = "cond_stage_model.transformer."
+    state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    model_has_level = any(k.startswith("text_model.") for k in text_encoder.state_dict())
+    if model_has_level and not any(k.startswith("text_model.") for k in state):
+        state = {"text_model." + k: v for k, v in state.items()}
+    if not model_has_level:  # transformers >= 5 flattened CLIPTextModel
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    missing, _ = text_encoder.load_state_dict(state, strict=False)
+    if missing:
+        raise InputError(f"{path.name} has no SD-1.5 text encoder ({len(missing)} weights missing, e.g. {missing[0]}).")
+    return Components(unet, vae, text_encoder, load_clip_tokenizer(),
+                      _read(CONFIGS / "sd15" / "scheduler" / "scheduler_config.json"), "sd15")
+
+
+def load_components(base: str) -> Components:
+    if base in ("tiny", "sd15-random"):
+        return random_components(base)
+    path = Path(os.path.expanduser(base))
+    if path.is_dir():
+        return folder_components(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return single_file_components(path)
+    raise InputError(f"Base '{base}' is neither tiny, sd15-random, a diffusers folder nor a .safetensors checkpoint.")

@@ -1,0 +1,123 @@
+"""The host protocol on diffusers / transformers modules (standalone path, tests, benchmarks)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from .bases import Components, load_components
+from .host import math_attention
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def canonical_text_name(name: str) -> str:
+    """transformers ≥ 5 dropped CLIPTextModel's ``text_model.`` level; the bank keeps it."""
+    return name if name.startswith("text_model.") else "text_model." + name
+
+
+def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    module = module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module = module.to(dtype)
+    return module.eval().requires_grad_(False)
+
+
+class DiffusersHost:
+    """SD-1.5 as diffusers' UNet2DConditionModel + AutoencoderKL + transformers' CLIPTextModel."""
+
+    def __init__(self, parts: Components, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.parts = parts
+        self.device, self.dtype = device, dtype
+        self.unet, self.vae, self.text_encoder = (
+            _place(m, device, dtype) for m in (parts.unet, parts.vae, parts.text_encoder))
+        self.tokenizer = parts.tokenizer
+        self.scheduler_config = parts.scheduler_config
+        self._token_ids: dict[str, int] = {}  # concept token → id in the tokenizer
+        self._active: dict[int, Tensor] = {}  # token id → (1, d) vector during one encode
+        embed = self.text_encoder.get_input_embeddings()
+        self._vocab = embed.num_embeddings
+        embed.register_forward_pre_hook(self._clamp_ids)
+        embed.register_forward_hook(self._substitute)
+        self._ids_seen: Tensor | None = None
+
+    @classmethod
+    def load(cls, base: str, device: str = "auto", dtype: torch.dtype | None = None) -> "DiffusersHost":
+        dev = resolve_device(device)
+        if dtype is None:
+            dtype = torch.float16 if dev.type == "cuda" else torch.float32
+        return cls(load_components(base), dev, dtype)
+
+    # -- protocol ----------------------------------------------------------------------------
+    def architecture(self) -> str:
+        return self.parts.architecture
+
+    def linear_layers(self) -> dict[str, nn.Linear]:
+        out = {}
+        for prefix, model in (("unet", self.unet), ("text_encoder", self.text_encoder)):
+            for name, module in model.named_modules():
+                if isinstance(module, nn.Linear):
+                    out[f"{prefix}.{canonical_text_name(name) if prefix == 'text_encoder' else name}"] = module
+        return out
+
+    def token_width(self) -> int:
+        return self.text_encoder.get_input_embeddings().embedding_dim
+
+    def init_embedding(self, word: str) -> Tensor:
+        ids = self.tokenizer(word, add_special_tokens=False).input_ids
+        ids = [i for i in ids if i < self._vocab] or [self.tokenizer.unk_token_id or 0]
+        table = self.text_encoder.get_input_embeddings().weight
+        return table[ids].detach().float().mean(dim=0, keepdim=True).cpu()
+
+    def _token_id(self, token: str) -> int:
+        if token not in self._token_ids:
+            self.tokenizer.add_tokens([token])
+            self._token_ids[token] = self.tokenizer.convert_tokens_to_ids(token)
+        return self._token_ids[token]
+
+    def _clamp_ids(self, module: nn.Module, inputs: tuple) -> tuple:
+        ids = inputs[0]
+        self._ids_seen = ids
+        if self._active or bool((ids >= self._vocab).any()):
+            return (ids.clamp(max=self._vocab - 1),)
+        return None
+
+    def _substitute(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        ids = self._ids_seen
+        for token_id, vec in self._active.items():
+            mask = (ids == token_id).unsqueeze(-1)  # (b, 77, 1)
+            output = torch.where(mask, vec[0].to(output.dtype), output)
+        return output
+
+    def encode_text(self, prompts: list[str], embeddings: dict[str, Tensor]) -> Tensor:
+        ids = [self._token_id(t) for t in embeddings]
+        batch = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        self._active = {i: embeddings[t].to(self.device) for i, t in zip(ids, embeddings)}
+        try:
+            return self.text_encoder(batch.input_ids.to(self.device))[0]
+        finally:
+            self._active = {}
+
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        with torch.no_grad():
+            dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+            return dist.mean * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+
+    def alphas_cumprod(self) -> Tensor:
+        from diffusers import DDPMScheduler
+        return DDPMScheduler.from_config(self.scheduler_config).alphas_cumprod.float()
+
+    def predict_noise(self, noisy: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+        return self.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=cond.to(self.dtype)).sample
+
+    def differentiable_attention(self) -> contextlib.AbstractContextManager:
+        return math_attention()

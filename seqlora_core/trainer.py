@@ -1,0 +1,178 @@
+"""Training one concept on top of a bank: data, minibatches, the bilevel loop, the new concept.
+
+Reading of K (the paper's "bilevel iterations", not recoverable from its text): training draws
+``steps`` minibatches (images, noise, timesteps, prompts fixed within a minibatch so that
+L(A, B) is one deterministic function there, as the analysis assumes) and runs K bilevel
+iterations (each with T inner steps) on every minibatch. One "step" of the progress bar is one
+minibatch, i.e. K iterations.
+
+While a concept trains, every earlier concept of the bank is applied (the model the artist
+accumulates), and the new basis is kept in the null space of the earlier ones' bases. The bank
+object passed in is never modified: a new Bank is returned, so a failed or interrupted run
+changes nothing.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .bank import Bank, Concept, token_to_id
+from .bilevel import CONSTRAINED_METHODS, BilevelConfig, BilevelSolver, is_finite
+from .errors import CapacityError, InputError, SeqLoRAError
+from .fingerprint import base_fingerprint
+from .host import Host
+from .lora import LoRAHooks
+from .targets import select_layers
+
+PROMPT_TEMPLATES = ("a photo of {}", "a close-up photo of {}", "a picture of {}", "a good photo of {}",
+                    "a photo of the {}", "{}")
+
+
+class Interrupted(SeqLoRAError):
+    """Training was stopped by the user; nothing was written."""
+
+
+@dataclass
+class TrainSettings:
+    method: str = "seqlora"
+    rank: int = 4
+    steps: int = 200  # minibatches
+    bilevel_iters: int = 3  # K, per minibatch
+    inner_steps: int = 2  # T
+    eps: float = 1e-8
+    resolution: int = 512
+    batch_size: int = 1
+    seed: int = 0
+    optimizer: str = "adam"
+    lr_a: float = 1e-4
+    lr_b: float = 1e-4
+    lr_embedding: float = 5e-3
+    hypergradient: str = "paper"
+    targets: str = "default"
+
+    def bilevel_config(self) -> BilevelConfig:
+        return BilevelConfig(method=self.method, inner_steps=self.inner_steps, lr_a=self.lr_a, lr_b=self.lr_b,
+                             lr_aux=self.lr_embedding, optimizer=self.optimizer, hypergradient=self.hypergradient)
+
+
+@dataclass
+class TrainResult:
+    bank: Bank
+    concept: Concept
+    losses: list[float] = field(default_factory=list)  # one per minibatch (last iteration's loss)
+    seconds: float = 0.0
+
+
+def new_bank(host: Host, eps: float = 1e-8) -> Bank:
+    return Bank({"architecture": host.architecture(), "fingerprint": base_fingerprint(host.linear_layers())}, eps)
+
+
+def encode_dataset(host: Host, pixels: Tensor) -> Tensor:
+    """Latents of the images and their mirror images: (2N, 4, h, w) on the host device."""
+    pixels = torch.cat([pixels, pixels.flip(-1)])
+    return torch.cat([host.encode_images(pixels[i:i + 4]) for i in range(0, len(pixels), 4)]).float()
+
+
+def noisy_batch(latents: Tensor, alphas_cumprod: Tensor, idx: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε."""
+    ac = alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1)
+    return ac.sqrt() * latents[idx] + (1 - ac).sqrt() * noise
+
+
+def denoising_loss(host: Host, noisy: Tensor, noise: Tensor, t: Tensor, prompts: list[str],
+                   embeddings: dict[str, Tensor]) -> Tensor:
+    """The ε-prediction loss of SD-1.5 (mean squared error, float32)."""
+    cond = host.encode_text(prompts, embeddings)
+    pred = host.predict_noise(noisy, t.to(host.device), cond)
+    return F.mse_loss(pred.float(), noise.float())
+
+
+def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, init_word: str,
+                  settings: TrainSettings, progress: Callable[[int, int, float], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Learn one concept from ``pixels`` ((N, 3, R, R) in [-1, 1]) and return the extended bank."""
+    start = time.time()
+    fingerprint = base_fingerprint(host.linear_layers())
+    bank = bank if bank is not None else new_bank(host, settings.eps)
+    bank.check_base(host.architecture(), fingerprint)
+    ident = token_to_id(token)
+    token = f"<{ident}>" if not token.startswith("<") else token
+    if any(c.id == ident for c in bank.concepts):
+        raise InputError(f"The bank already has a concept '{ident}'; choose another token.")
+    if settings.rank < 1 or settings.steps < 1 or settings.bilevel_iters < 1 or settings.batch_size < 1:
+        raise InputError("Rank, steps, bilevel iterations and batch size must all be at least 1.")
+    cfg = settings.bilevel_config()
+
+    all_layers = host.linear_layers()
+    targets = select_layers(all_layers, settings.targets)
+    names = list(targets)
+    constrained = settings.method in CONSTRAINED_METHODS
+    projectors = {n: bank.projector(n, targets[n].in_features) for n in names}
+    if constrained:
+        for n in names:
+            if projectors[n].free_width < settings.rank:
+                raise CapacityError(f"Layer {n} is full: {projectors[n].free_width} of its "
+                                    f"{targets[n].in_features} input dimensions are free, rank {settings.rank} needs more.")
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    dev = host.device
+    b0 = []
+    for n in names:
+        if constrained:
+            b0.append(projectors[n].random_orthonormal(settings.rank, gen))
+        else:
+            b0.append(torch.linalg.qr(torch.randn(targets[n].in_features, settings.rank, generator=gen))[0])
+    b0 = [b.to(dev) for b in b0]
+    a0 = [torch.zeros(targets[n].out_features, settings.rank, device=dev) for n in names]
+    emb0 = host.init_embedding(init_word or "object").to(dev)
+
+    project = (lambda grads: [projectors[n].project(g) for n, g in zip(names, grads)]) if constrained \
+        else (lambda grads: list(grads))
+    solver = BilevelSolver(a0, b0, [emb0], project, cfg, host.differentiable_attention)
+
+    latents = encode_dataset(host, pixels)
+    alphas = host.alphas_cumprod()
+    hook_layers = {n: all_layers[n] for n in set(names) | set(bank.layer_shapes()) if n in all_layers}
+    losses: list[float] = []
+    with LoRAHooks(hook_layers) as hooks:
+        if bank.concepts:
+            hooks.set_composed(bank.composed_factors())
+        for step in range(settings.steps):
+            idx = torch.randint(len(latents), (settings.batch_size,), generator=gen)
+            t = torch.randint(len(alphas), (settings.batch_size,), generator=gen)
+            noise = torch.randn((settings.batch_size, *latents.shape[1:]), generator=gen).to(dev)
+            noisy = noisy_batch(latents, alphas, idx.to(dev), noise, t.to(dev))
+            picks = torch.randint(len(PROMPT_TEMPLATES), (settings.batch_size,), generator=gen)
+            prompts = [PROMPT_TEMPLATES[int(i)].format(token) for i in picks]
+
+            def loss_fn(a, b, aux):
+                hooks.bind(dict(zip(names, a)), dict(zip(names, b)))
+                return denoising_loss(host, noisy, noise, t, prompts, {token: aux[0]})
+
+            for _ in range(settings.bilevel_iters):
+                if should_stop is not None and should_stop():
+                    raise Interrupted("Training was interrupted; the bank was left as it was.")
+                result = solver.iterate(loss_fn)
+            if not (math.isfinite(result.loss) and is_finite(solver.a + solver.b + solver.aux)):
+                raise SeqLoRAError(f"Training diverged at step {step + 1} (loss {result.loss}); "
+                                   "lower the learning rates. The bank was left as it was.")
+            losses.append(result.loss)
+            if progress is not None:
+                progress(step + 1, settings.steps, result.loss)
+
+    b_final = [projectors[n].project(b.double()).float() if constrained else b
+               for n, b in zip(names, solver.b)]  # one last exact projection against float32 drift
+    tail = losses[-max(1, len(losses) // 10):]
+    concept = Concept(
+        id=ident, token=token, init_word=init_word, rank=settings.rank, method=settings.method,
+        A={n: a.detach().float().cpu() for n, a in zip(names, solver.a)},
+        B={n: b.detach().float().cpu() for n, b in zip(names, b_final)},
+        embedding=solver.aux[0].detach().float().cpu(),
+        settings=asdict(settings), final_loss=sum(tail) / len(tail))
+    return TrainResult(bank.with_concept(concept), concept, losses, time.time() - start)
