@@ -1,0 +1,75 @@
+"""Export a subset of a bank as one standard kohya-format LoRA plus standard embedding files.
+
+Per adapted layer the LoRA holds ``<key>.lora_up.weight`` = [A_1 … A_k] (n × R),
+``<key>.lora_down.weight`` = [B_1 … B_k]ᵀ (R × m) and ``<key>.alpha`` = R, R = Σ r_i, so that
+up · down · (alpha / R) = Σ_i A_i B_iᵀ exactly — what stock ComfyUI and A1111 loaders apply.
+Keys: ``lora_unet_<path>`` / ``lora_te_<path>`` with the canonical path's dots as underscores.
+Each concept's token embedding is written as ``<id>.safetensors`` with the single tensor
+``emb_params`` (k × d), the layout both hosts' embedding loaders read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .bank import Bank
+from .errors import InputError
+
+PREFIXES = (("unet.", "lora_unet_"), ("text_encoder.", "lora_te_"))
+
+
+def kohya_key(layer: str) -> str:
+    for ours, theirs in PREFIXES:
+        if layer.startswith(ours):
+            return theirs + layer[len(ours):].replace(".", "_")
+    raise ValueError(f"layer {layer} has no unet. or text_encoder. prefix")
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def lora_state_dict(bank: Bank, ids: list[str] | None = None) -> dict[str, torch.Tensor]:
+    out = {}
+    for layer, (a_cat, b_cat) in bank.composed_factors(ids).items():
+        key = kohya_key(layer)
+        rank = a_cat.shape[1]
+        out[f"{key}.lora_up.weight"] = a_cat.float().contiguous()
+        out[f"{key}.lora_down.weight"] = b_cat.T.float().contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(rank))
+    return out
+
+
+def embeddings_dir_for(out: Path) -> Path:
+    return out.with_name(out.stem + "_embeddings")
+
+
+def export_lora(bank: Bank, ids: list[str] | None, out: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """Write the LoRA to ``out`` and the embeddings to ``<out stem>_embeddings/``; returns paths."""
+    out = Path(out)
+    concepts = bank.select(ids)
+    if not concepts:
+        raise InputError("The bank has no concepts to export.")
+    meta = {"seqlora_concepts": json.dumps([{"id": c.id, "token": c.token} for c in concepts]),
+            "seqlora_base": json.dumps(bank.base)}
+    _atomic_save(lora_state_dict(bank, [c.id for c in concepts]), out, meta)
+    written = []
+    for c in concepts:
+        path = embeddings_dir_for(out) / f"{c.id}.safetensors"
+        _atomic_save({"emb_params": c.embedding.float().contiguous()}, path, {"token": c.token})
+        written.append(path)
+    return out, written
