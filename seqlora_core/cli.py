@@ -69,16 +69,19 @@ def cmd_train(args) -> None:
         inner_steps=args.inner_steps, eps=bank.eps, resolution=resolution, batch_size=args.batch_size,
         seed=args.seed, optimizer=args.optimizer, lr_a=args.lr_a, lr_b=args.lr_b,
         lr_embedding=args.lr_embedding, hypergradient=args.hypergradient, targets=args.targets)
-    bar = tqdm(total=settings.steps, desc=f"training {args.token}", unit="step", file=sys.stderr)
+    bars = []  # opened at the first finished step, so an input error prints no empty bar
 
     def progress(step, total, loss):
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
+        if not bars:
+            bars.append(tqdm(total=total, desc=f"training {args.token}", unit="step", file=sys.stderr))
+        bars[0].update(1)
+        bars[0].set_postfix(loss=f"{loss:.4f}")
 
     try:
         result = train_concept(host, bank, pixels, args.token, args.init_word, settings, progress)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     result.bank.save(bank_path)
     orth = result.bank.max_orthogonality_error()
     print(f"trained {result.concept.token} ({result.concept.method}, rank {result.concept.rank}) in "

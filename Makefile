@@ -1,0 +1,30 @@
+# Standalone set-up in a project venv. On a machine without torch it installs the CPU build
+# torch==2.13.0; never an unpinned torch (that would pull a multi-GB CUDA build).
+# Use another build with:  make TORCH_SPEC="torch==2.14.1" ...   or an existing venv: make VENV=...
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.seqlora-installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m seqlora_core demo --out out/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/step_cost.py
+
+clean:
+	rm -rf out .cache .pytest_cache
