@@ -43,9 +43,11 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
             os.unlink(tmp)
 
 
-def lora_state_dict(bank: Bank, ids: list[str] | None = None) -> dict[str, torch.Tensor]:
+def lora_state_dict(bank: Bank, ids: list[str] | None = None,
+                    strengths: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """Kohya keys → tensors for the chosen concepts, strengths folded into the up factors."""
     out = {}
-    for layer, (a_cat, b_cat) in bank.composed_factors(ids).items():
+    for layer, (a_cat, b_cat) in bank.composed_factors(ids, strengths).items():
         key = kohya_key(layer)
         rank = a_cat.shape[1]
         out[f"{key}.lora_up.weight"] = a_cat.float().contiguous()

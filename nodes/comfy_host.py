@@ -1,0 +1,158 @@
+"""The core's host protocol on ComfyUI's own objects: MODEL (ModelPatcher), CLIP and VAE.
+
+Thin by design: layer names come from ``seqlora_core.naming``, the algorithm from
+``seqlora_core.trainer``. What is Comfy-specific lives here:
+
+* ComfyUI runs nodes under ``torch.inference_mode``; weights loaded there are inference tensors,
+  which autograd refuses to save. ``trainable_weights`` swaps them for ordinary clones for the
+  duration of a training run and puts the originals back, so the host's model is left as it was.
+* Comfy picks its attention kernel at import time; the differentiable pass swaps in
+  ``attention_basic`` (plain matmul/softmax, with double backward) and torch's math SDPA kernel.
+* Concept tokens are fed through :class:`nodes.tokens.ConceptTokenizer`.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from seqlora_core.host import math_attention
+from seqlora_core.naming import text_canonical, unet_compvis_to_canonical
+
+from .tokens import ConceptTokenizer
+
+
+@contextlib.contextmanager
+def trainable_weights(*modules: nn.Module):
+    """Replace inference-mode parameters and buffers by ordinary clones; restore them after."""
+    swapped = []
+    try:
+        with torch.inference_mode(False):
+            for root in modules:
+                for module in root.modules():
+                    for table in (module._parameters, module._buffers):
+                        for name, t in list(table.items()):
+                            if t is not None and t.is_inference():
+                                clone = t.clone()
+                                table[name] = nn.Parameter(clone, requires_grad=False) \
+                                    if isinstance(t, nn.Parameter) else clone
+                                swapped.append((table, name, t))
+        yield
+    finally:
+        for table, name, original in reversed(swapped):
+            table[name] = original
+
+
+@contextlib.contextmanager
+def comfy_math_attention():
+    """Comfy's UNet attention on attention_basic and torch SDPA on its math kernel."""
+    import comfy.ldm.modules.attention as attention
+
+    saved = attention.optimized_attention, attention.optimized_attention_masked
+    attention.optimized_attention = attention.attention_basic
+    attention.optimized_attention_masked = attention.attention_basic
+    try:
+        with math_attention():
+            yield
+    finally:
+        attention.optimized_attention, attention.optimized_attention_masked = saved
+
+
+@contextlib.contextmanager
+def autograd_safe_layer_norms(root: nn.Module):
+    """Comfy's CLIP layers add residuals in place (``x += attn(ln(x))``), which overwrites the
+    input LayerNorm saved for backward. Feeding each LayerNorm a copy keeps the saved tensor
+    intact; outside training nothing is hooked."""
+    handles = [m.register_forward_pre_hook(lambda mod, args: (args[0].clone(), *args[1:]))
+               for m in root.modules() if isinstance(m, nn.LayerNorm)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def is_sd15(model) -> bool:
+    import comfy.supported_models
+
+    return isinstance(model.model.model_config, comfy.supported_models.SD15)
+
+
+class ComfyHost:
+    """Host protocol over a loaded SD-1.5 ModelPatcher, CLIP and VAE (on Comfy's device)."""
+
+    def __init__(self, model, clip, vae):
+        import comfy.model_management as mm
+
+        self.model, self.clip, self.vae = model, clip, vae
+        mm.load_models_gpu([model, clip.patcher], force_full_load=True)
+        self.unet = model.model.diffusion_model
+        self.text = clip.cond_stage_model
+        self.device = model.load_device
+        self.dtype = model.model.get_dtype()
+        self._layers = self._collect_layers()
+
+    def _collect_layers(self) -> dict[str, nn.Linear]:
+        out = {}
+        for path, module in self.unet.named_modules():
+            if isinstance(module, nn.Linear):
+                name = unet_compvis_to_canonical(path)
+                if name is not None:
+                    out[name] = module
+        for path, module in self.text.named_modules():
+            if isinstance(module, nn.Linear) and ".clip_g." not in f".{path}":
+                name = text_canonical(path)
+                if name is not None:
+                    out[name] = module
+        return out
+
+    # -- protocol ----------------------------------------------------------------------------
+    def architecture(self) -> str:
+        return "sd15"
+
+    def linear_layers(self) -> dict[str, nn.Linear]:
+        return self._layers
+
+    def _input_embeddings(self) -> nn.Module:
+        return self.text.clip_l.transformer.get_input_embeddings()
+
+    def token_width(self) -> int:
+        return self._input_embeddings().weight.shape[1]
+
+    def init_embedding(self, word: str) -> Tensor:
+        sd_tok = self.clip.tokenizer.clip_l if hasattr(self.clip.tokenizer, "clip_l") else self.clip.tokenizer
+        ids = sd_tok.tokenizer(word)["input_ids"][1:-1] or [sd_tok.tokenizer(",")["input_ids"][1]]
+        table = self._input_embeddings().weight
+        return table[ids].detach().float().mean(dim=0, keepdim=True).cpu()
+
+    def encode_text(self, prompts: list[str], embeddings: dict[str, Tensor]) -> Tensor:
+        tokenizer = ConceptTokenizer(self.clip.tokenizer, embeddings)
+        conds = [self.clip.encode_from_tokens(tokenizer.tokenize_with_weights(p)) for p in prompts]
+        return torch.cat([c[:, :77] for c in conds]).to(self.device)
+
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        with torch.no_grad():
+            images = ((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()  # (b, H, W, 3)
+            latents = self.vae.encode(images)
+            return self.model.model.process_latent_in(latents).to(self.device)
+
+    def alphas_cumprod(self) -> Tensor:
+        sigmas = self.model.model.model_sampling.sigmas.float().cpu()
+        return 1.0 / (sigmas ** 2 + 1.0)
+
+    def predict_noise(self, noisy: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+        return self.unet(noisy.to(self.device, self.dtype), timesteps=timesteps.to(self.device).float(),
+                         context=cond.to(self.device, self.dtype))
+
+    def differentiable_attention(self) -> contextlib.AbstractContextManager:
+        return comfy_math_attention()
+
+    def training(self) -> contextlib.AbstractContextManager:
+        """Everything a training run needs around it: grad on, ordinary (non-inference) weights."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(trainable_weights(self.unet, self.text))
+        stack.enter_context(autograd_safe_layer_norms(self.text))
+        return stack

@@ -1,0 +1,202 @@
+"""What the SeqLoRA nodes do, on ComfyUI objects; the node classes in ``v3`` only declare I/O.
+
+Nothing here re-implements the method: training is ``seqlora_core.trainer.train_concept`` on a
+:class:`ComfyHost`, composition is the core's kohya export handed to ComfyUI's own LoRA loader
+(clone + patches, exactly like a stock LoraLoader; no weight is copied per concept).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seqlora_core.bank import Bank, load_bank
+from seqlora_core.errors import BankError, InputError
+from seqlora_core.export import lora_state_dict
+from seqlora_core.fingerprint import base_fingerprint
+from seqlora_core.naming import text_canonical, unet_compvis_to_canonical
+from seqlora_core.plot import loss_curve_image
+from seqlora_core.trainer import TrainSettings, new_bank, train_concept
+
+from .tokens import ConceptTokenizer
+
+FOLDER = "seqlora"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9 _.()-]+$")
+
+
+# -- folders -------------------------------------------------------------------------------------
+def register_folder() -> str:
+    """models/seqlora as a ComfyUI model folder (file picker lists its .safetensors)."""
+    import folder_paths
+
+    path = os.path.join(folder_paths.models_dir, FOLDER)
+    os.makedirs(path, exist_ok=True)
+    folder_paths.add_model_folder_path(FOLDER, path, is_default=True)
+    paths, _ = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
+    return path
+
+
+def bank_files() -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_filename_list(FOLDER)
+
+
+# -- base checks ---------------------------------------------------------------------------------
+def model_layers(model, clip=None) -> dict[str, torch.nn.Linear]:
+    """Canonical name → Linear for a Comfy MODEL (and CLIP), without loading anything."""
+    out = {}
+    for path, module in model.model.diffusion_model.named_modules():
+        if isinstance(module, torch.nn.Linear) and (name := unet_compvis_to_canonical(path)):
+            out[name] = module
+    if clip is not None:
+        for path, module in clip.cond_stage_model.named_modules():
+            if isinstance(module, torch.nn.Linear) and (name := text_canonical(path)):
+                out[name] = module
+    return out
+
+
+def check_model(model) -> None:
+    from .comfy_host import is_sd15
+
+    if not is_sd15(model):
+        raise InputError(f"SeqLoRA needs an SD-1.5 model; this MODEL is {type(model.model.model_config).__name__}.")
+
+
+def check_bank_for(bank: Bank, model, clip=None) -> None:
+    check_model(model)
+    bank.check_base("sd15", base_fingerprint(model_layers(model, clip)))
+
+
+# -- bank nodes ----------------------------------------------------------------------------------
+def load_bank_file(name: str, model=None) -> Bank:
+    import folder_paths
+
+    path = folder_paths.get_full_path(FOLDER, name)
+    if path is None:
+        raise BankError(f"No bank named {name} in models/{FOLDER}.")
+    bank = load_bank(path)
+    if model is not None:
+        check_bank_for(bank, model)
+    return bank
+
+
+def save_bank_file(bank: Bank, name: str, overwrite: bool = False) -> str:
+    """Atomic save into models/seqlora; an existing file is only replaced with ``overwrite``,
+    otherwise the name gets a numbered suffix (another artist's bank is never lost)."""
+    import folder_paths
+
+    name = name.strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not name or not SAFE_NAME.match(name):
+        raise InputError(f"Bank name '{name}' may only use letters, digits, spaces and _ . ( ) -.")
+    folder = Path(folder_paths.get_folder_paths(FOLDER)[0])
+    path = folder / f"{name}.safetensors"
+    counter = 1
+    while path.exists() and not overwrite:
+        path = folder / f"{name}_{counter:05d}.safetensors"
+        counter += 1
+    bank.save(path)
+    return path.name
+
+
+def info_text(bank: Bank) -> str:
+    rows = bank.layer_table(bank.concepts[-1].rank if bank.concepts else 4)
+    lines = [f"{len(bank.concepts)} concept(s), base {bank.base.get('architecture')} "
+             f"(fingerprint {bank.base.get('fingerprint')})"]
+    for c in bank.concepts:
+        loss = f"{c.final_loss:.4f}" if isinstance(c.final_loss, (int, float)) else "-"
+        lines.append(f"  {c.token}  rank {c.rank}  {c.method}  loss {loss}")
+    if rows:
+        fullest = min(rows, key=lambda r: r["capacity"] - r["used"])
+        lines.append(f"{len(rows)} layers; fullest {fullest['name']} holds {fullest['used']}/{fullest['capacity']}")
+    lines.append(f"max orthogonality error {bank.max_orthogonality_error():.2e}")
+    return "\n".join(lines)
+
+
+def panel_data(bank: Bank) -> dict:
+    """What the js bank panel draws: concepts and capacity per layer width."""
+    rows = bank.layer_table(bank.concepts[-1].rank if bank.concepts else 4)
+    widths: dict[int, dict] = {}
+    for r in rows:
+        w = widths.setdefault(r["in_features"], {"width": r["in_features"], "layers": 0, "used": 0, "capacity": r["capacity"]})
+        w["layers"] += 1
+        w["used"] = max(w["used"], r["used"])
+        w["capacity"] = min(w["capacity"], r["capacity"])
+    return {"concepts": [{"id": c.id, "token": c.token, "method": c.method, "rank": c.rank} for c in bank.concepts],
+            "widths": sorted(widths.values(), key=lambda w: w["width"]),
+            "orthogonality": bank.max_orthogonality_error()}
+
+
+# -- compose -------------------------------------------------------------------------------------
+def parse_selection(text: str, bank: Bank) -> tuple[list[str], dict[str, float]]:
+    """'chelsea:0.8, coffee' → ids and strengths; '' or 'all' → every concept at 1.0."""
+    text = text.strip()
+    if text in ("", "all", "*"):
+        return [c.id for c in bank.concepts], {}
+    ids, strengths = [], {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        ident, _, value = item.partition(":")
+        ident = ident.strip().strip("<>").lower()
+        bank.get(ident)
+        ids.append(ident)
+        if value.strip():
+            try:
+                strengths[ident] = float(value)
+            except ValueError:
+                raise InputError(f"Strength in '{item}' is not a number.") from None
+    return ids, strengths
+
+
+def compose(model, clip, bank: Bank, ids: list[str], strengths: dict[str, float]):
+    """MODEL and CLIP clones with Σ s_i A_i B_iᵀ patched in and the concept tokens usable."""
+    import comfy.sd
+
+    if not ids:
+        return model, clip
+    check_bank_for(bank, model, clip)
+    lora = lora_state_dict(bank, ids, strengths)
+    new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    if new_clip is not None:
+        new_clip.tokenizer = ConceptTokenizer(new_clip.tokenizer, bank.embeddings(ids))
+    return new_model, new_clip
+
+
+# -- train ---------------------------------------------------------------------------------------
+def images_to_pixels(image: torch.Tensor, resolution: int) -> torch.Tensor:
+    """ComfyUI IMAGE (b, H, W, 3) in [0, 1] → (b, 3, R, R) in [-1, 1], centre-cropped."""
+    from PIL import Image
+
+    from seqlora_core.images import pil_to_tensor
+
+    frames = []
+    for frame in image.detach().float().cpu():
+        arr = (frame.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        frames.append(pil_to_tensor(Image.fromarray(arr), resolution))
+    return torch.stack(frames)
+
+
+def train(model, clip, vae, image, token: str, init_word: str, bank: Bank | None, settings: TrainSettings,
+          progress=None):
+    """Train one concept inside ComfyUI; returns (bank, model, clip, loss curve IMAGE)."""
+    import comfy.model_management as mm
+
+    from .comfy_host import ComfyHost
+
+    check_model(model)
+    if bank is not None:
+        check_bank_for(bank, model, clip)
+    pixels = images_to_pixels(image, settings.resolution)
+    host = ComfyHost(model, clip, vae)
+    with host.training():
+        result = train_concept(host, bank if bank is not None else new_bank(host, settings.eps), pixels, token,
+                               init_word, settings, progress,
+                               should_stop=lambda: mm.throw_exception_if_processing_interrupted() or False)
+    new_model, new_clip = compose(model, clip, result.bank, [c.id for c in result.bank.concepts], {})
+    curve = torch.from_numpy(loss_curve_image(result.losses).astype(np.float32) / 255.0).unsqueeze(0)
+    return result.bank, new_model, new_clip, curve, result.losses

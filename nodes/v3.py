@@ -1,0 +1,158 @@
+"""SeqLoRA nodes, declared with ComfyUI's V3 node API (comfy_api.latest), category "SeqLoRA".
+
+Each class only declares inputs/outputs and calls ``nodes.logic``. Errors the user caused reach
+ComfyUI as one-sentence exceptions (SeqLoRAError).
+"""
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from seqlora_core.bilevel import METHODS
+from seqlora_core.trainer import TrainSettings
+
+from . import logic
+
+CATEGORY = "SeqLoRA"
+BasisBank = io.Custom("BASIS_BANK")
+logic.register_folder()
+
+
+def _send(event: str, data: dict) -> None:
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_sync(event, data)
+    except Exception:  # no server (scripts, tests): progress still goes to the progress bar
+        pass
+
+
+class TrainConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SeqLoRATrainConcept", display_name="Train Concept (SeqLoRA)", category=CATEGORY,
+            description="Teach the loaded SD-1.5 one new concept from reference images, orthogonal to every "
+                        "concept already in the bank (bilevel training, exact null-space projection).",
+            inputs=[
+                io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
+                io.Image.Input("images", tooltip="reference images of the concept (a batch)"),
+                io.String.Input("token", default="<my-concept>", tooltip="the word to use in prompts, e.g. <chelsea>"),
+                io.String.Input("init_word", default="object", tooltip="a word close to the concept (cat, mug, person)"),
+                BasisBank.Input("bank", optional=True, tooltip="bank to extend; none starts a new one for this model"),
+                io.Combo.Input("method", options=list(METHODS), default="seqlora"),
+                io.Int.Input("rank", default=4, min=1, max=64),
+                io.Int.Input("steps", default=200, min=1, max=100000, tooltip="minibatches; each runs K bilevel iterations"),
+                io.Int.Input("bilevel_iterations", default=3, min=1, max=20, tooltip="K"),
+                io.Int.Input("inner_steps", default=2, min=1, max=10, tooltip="T"),
+                io.Float.Input("eps", default=1e-8, min=0.0, max=1e-2, step=1e-9, tooltip="projector regularisation (new banks)"),
+                io.Int.Input("resolution", default=512, min=64, max=1024, step=64),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF),
+                io.Float.Input("lr_a", default=1e-4, min=0.0, max=1.0, step=1e-5),
+                io.Float.Input("lr_b", default=1e-4, min=0.0, max=1.0, step=1e-5),
+                io.Float.Input("lr_embedding", default=5e-3, min=0.0, max=1.0, step=1e-4),
+            ],
+            outputs=[BasisBank.Output(display_name="bank"), io.Model.Output(display_name="model"),
+                     io.Clip.Output(display_name="clip"), io.Image.Output(display_name="loss_curve")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, token, init_word, method, rank, steps, bilevel_iterations,
+                inner_steps, eps, resolution, seed, lr_a, lr_b, lr_embedding, bank=None):
+        import comfy.utils
+
+        settings = TrainSettings(method=method, rank=rank, steps=steps, bilevel_iters=bilevel_iterations,
+                                 inner_steps=inner_steps, eps=eps, resolution=resolution, seed=seed,
+                                 lr_a=lr_a, lr_b=lr_b, lr_embedding=lr_embedding)
+        bar = comfy.utils.ProgressBar(steps)
+        node = cls.hidden.unique_id if cls.hidden else None
+        losses: list[float] = []
+
+        def progress(step, total, loss):
+            bar.update_absolute(step, total)
+            losses.append(loss)
+            _send("seqlora.progress", {"node": node, "step": step, "total": total, "loss": loss})
+
+        new_bank, new_model, new_clip, curve, _ = logic.train(model, clip, vae, images, token, init_word, bank,
+                                                               settings, progress)
+        _send("seqlora.bank", {"node": node, **logic.panel_data(new_bank)})
+        return io.NodeOutput(new_bank, new_model, new_clip, curve)
+
+
+class LoadBasisBank(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SeqLoRALoadBasisBank", display_name="Load Basis Bank", category=CATEGORY,
+            description="Load a SeqLoRA bank from models/seqlora.",
+            inputs=[io.Combo.Input("bank_name", options=logic.bank_files()),
+                    io.Model.Input("model", optional=True, tooltip="refuse the bank if it was made for another base")],
+            outputs=[BasisBank.Output(display_name="bank"), io.String.Output(display_name="info")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, bank_name, model=None):
+        bank = logic.load_bank_file(bank_name, model)
+        text = logic.info_text(bank)
+        return io.NodeOutput(bank, text, ui={"text": [text], "seqlora_bank": [logic.panel_data(bank)]})
+
+
+class SaveBasisBank(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SeqLoRASaveBasisBank", display_name="Save Basis Bank", category=CATEGORY,
+            description="Save a bank into models/seqlora (atomic; an existing file is kept unless overwrite is on).",
+            inputs=[BasisBank.Input("bank"), io.String.Input("bank_name", default="my_concepts"),
+                    io.Boolean.Input("overwrite", default=False)],
+            outputs=[io.String.Output(display_name="file")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, bank, bank_name, overwrite):
+        name = logic.save_bank_file(bank, bank_name, overwrite)
+        text = f"saved {name}\n" + logic.info_text(bank)
+        return io.NodeOutput(name, ui={"text": [text], "seqlora_bank": [logic.panel_data(bank)]})
+
+
+class BasisBankInfo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SeqLoRABasisBankInfo", display_name="Basis Bank Info", category=CATEGORY,
+            description="What a bank holds: concepts, capacity used per layer, orthogonality.",
+            inputs=[BasisBank.Input("bank")],
+            outputs=[io.String.Output(display_name="info")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, bank):
+        text = logic.info_text(bank)
+        return io.NodeOutput(text, ui={"text": [text], "seqlora_bank": [logic.panel_data(bank)]})
+
+
+class ComposeConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SeqLoRAComposeConcepts", display_name="Compose Concepts", category=CATEGORY,
+            description="Apply any subset of a bank's concepts to MODEL and CLIP (a plain sum, like stock LoRA "
+                        "loading); their tokens then work in ordinary prompts.",
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), BasisBank.Input("bank"),
+                    io.String.Input("concepts", default="all", tooltip="all, or id:strength, … e.g. chelsea:1.0, coffee:0.8")],
+            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, bank, concepts):
+        ids, strengths = logic.parse_selection(concepts, bank)
+        new_model, new_clip = logic.compose(model, clip, bank, ids, strengths)
+        return io.NodeOutput(new_model, new_clip)
+
+
+NODES = [TrainConcept, LoadBasisBank, SaveBasisBank, BasisBankInfo, ComposeConcepts]
+NODE_CLASS_MAPPINGS = {n.define_schema().node_id: n for n in NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {n.define_schema().node_id: n.define_schema().display_name for n in NODES}
