@@ -1,8 +1,10 @@
 """ComfyUI entry point of the SeqLoRA node pack (clone this repository into ComfyUI/custom_nodes/).
 
-ComfyUI imports this file as a package; the nodes need the repository root on sys.path so that
-``seqlora_core`` (vendored here, host-agnostic) and ``nodes`` import as top-level packages.
+ComfyUI imports this file as a package; ``seqlora_core`` (vendored here, host-agnostic) is
+imported as a top-level package, so the repository root goes on sys.path. Imported anywhere
+else (pytest treats the repository root as a package), it exports no nodes.
 """
+import importlib.util
 import os
 import sys
 
@@ -10,8 +12,11 @@ _ROOT = os.path.dirname(os.path.abspath(__file__))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from .nodes.v3 import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
-
 WEB_DIRECTORY = "./js"
+
+if importlib.util.find_spec("comfy_api") is not None:  # inside ComfyUI
+    from .nodes.v3 import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,0 +1,128 @@
+"""The node pack inside a real ComfyUI: node contracts, the example workflow, base checks, and
+proof that the layer mapping is right (same noise prediction as the diffusers path)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from .helpers import CKPT_NAME, ROOT, load_pack, run_workflow
+
+NODES = {"SeqLoRATrainConcept": "Train Concept (SeqLoRA)", "SeqLoRALoadBasisBank": "Load Basis Bank",
+         "SeqLoRASaveBasisBank": "Save Basis Bank", "SeqLoRABasisBankInfo": "Basis Bank Info",
+         "SeqLoRAComposeConcepts": "Compose Concepts"}
+
+
+def quick_example_workflow(photo: str, bank_name: str) -> dict:
+    wf = json.loads((ROOT / "workflows" / "train_compose_api.json").read_text())
+    wf["1"]["inputs"]["ckpt_name"] = CKPT_NAME
+    wf["2"]["inputs"]["image"] = photo
+    wf["3"]["inputs"].update(steps=2, bilevel_iterations=1, resolution=64)
+    wf["4"]["inputs"]["bank_name"] = bank_name
+    wf["8"]["inputs"].update(width=64, height=64)
+    wf["9"]["inputs"]["steps"] = 2
+    return wf
+
+
+def test_nodes_are_registered(comfy_server):
+    info = json.load(urllib.request.urlopen(comfy_server + "/object_info"))
+    for node_id, display in NODES.items():
+        assert info[node_id]["display_name"] == display
+        assert info[node_id]["category"] == "SeqLoRA"
+    assert "BASIS_BANK" in info["SeqLoRATrainConcept"]["output"]
+    assert info["SeqLoRATrainConcept"]["input"]["optional"]["bank"][0] == "BASIS_BANK"
+
+
+def test_example_workflow_trains_saves_composes_and_samples(comfy_server, comfy_path, photo):
+    from seqlora_core.bank import load_bank
+
+    name = f"pytest_bank_{os.getpid()}"
+    entry = run_workflow(comfy_server, quick_example_workflow(photo, name))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    outputs = entry["outputs"]
+    image = outputs["11"]["images"][0]
+    assert (comfy_path / "output" / image["filename"]).stat().st_size > 0
+    assert (comfy_path / "output" / outputs["12"]["images"][0]["filename"]).exists()  # loss curve
+    saved = comfy_path / "models" / "seqlora" / f"{name}.safetensors"
+    bank = load_bank(saved)
+    assert [c.token for c in bank.concepts] == ["<chelsea>"]
+    assert bank.base["architecture"] == "sd15"
+    assert "1 concept(s)" in outputs["13"]["text"][0]
+    # saving again under the same name keeps the first file and writes a numbered one
+    second = {k: v for k, v in quick_example_workflow(photo, name).items() if k in ("1", "2", "3", "4")}
+    second["3"]["inputs"]["seed"] = 1  # a new bank, so ComfyUI does not serve the cached result
+    again = run_workflow(comfy_server, second)
+    assert again["status"]["status_str"] == "success"
+    assert (saved.parent / f"{name}_00001.safetensors").exists()
+    saved.unlink()
+    (saved.parent / f"{name}_00001.safetensors").unlink()
+
+
+def test_a_bank_for_another_base_is_refused(comfy_server, comfy_path, stream_bank):
+    bank_file = comfy_path / "models" / "seqlora" / f"pytest_tiny_{os.getpid()}.safetensors"
+    stream_bank.save(bank_file)  # made for the tiny base
+    wf = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+          "2": {"class_type": "SeqLoRALoadBasisBank", "inputs": {"bank_name": bank_file.name, "model": ["1", 0]}},
+          "3": {"class_type": "SeqLoRABasisBankInfo", "inputs": {"bank": ["2", 0]}}}
+    try:
+        entry = run_workflow(comfy_server, wf)
+    finally:
+        bank_file.unlink()
+    assert entry["status"]["status_str"] == "error"
+    error = [m for m in entry["status"]["messages"] if m[0] == "execution_error"][0][1]
+    assert "sd15-tiny base" in error["exception_message"]
+
+
+def test_compose_in_comfyui_matches_the_diffusers_path(comfy_importable, checkpoint, photos, tmp_path):
+    """A bank trained from the command line on this checkpoint, applied through Compose Concepts in
+    ComfyUI, gives the same text conditioning and UNet noise prediction as the diffusers path."""
+    import comfy.model_management as mm
+    import comfy.sd
+
+    from seqlora_core.bank import load_bank
+    from seqlora_core.diffusers_host import DiffusersHost
+    from seqlora_core.lora import LoRAHooks
+
+    logic = load_pack().nodes.logic
+    bank_path = tmp_path / "bank.safetensors"
+    token = "<chelsea>"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "seqlora_core", "train", "--bank", str(bank_path), "--base", str(checkpoint),
+                           "--images", str(photos[token]), "--token", token, "--init-word", "cat", "--steps", "2",
+                           "--bilevel-iters", "1", "--resolution", "64", "--lr-a", "3e-2", "--lr-b", "3e-2",
+                           "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bank = load_bank(bank_path)
+    prompt = f"a photo of {token} on a beach"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    t = torch.tensor([500.0])
+
+    with torch.inference_mode():
+        model, clip, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True, output_clip=True)[:3]
+        composed_model, composed_clip = logic.compose(model, clip, bank, [c.id for c in bank.concepts], {})
+        mm.load_models_gpu([composed_model, composed_clip.patcher], force_full_load=True)
+        cond_comfy = composed_clip.encode_from_tokens(composed_clip.tokenize(prompt)).float()
+        eps_comfy = composed_model.model.diffusion_model(x, timesteps=t, context=cond_comfy).float()
+        mm.load_models_gpu([model], force_full_load=True)
+        eps_comfy_base = model.model.diffusion_model(x, timesteps=t, context=cond_comfy).float()
+
+    host = DiffusersHost.load(str(checkpoint), "cpu", torch.float32)
+    layers = host.linear_layers()
+    with torch.no_grad(), LoRAHooks({n: layers[n] for n in bank.layer_shapes()}) as hooks:
+        hooks.set_composed(bank.composed_factors())
+        cond_diff = host.encode_text([prompt], bank.embeddings()).float()
+        eps_diff = host.predict_noise(x, t.long(), cond_diff).float()
+
+    print(f"max |cond diff| {(cond_comfy[:, :77] - cond_diff).abs().max():.2e}, "
+          f"max |eps diff| {(eps_comfy - eps_diff).abs().max():.2e}, "
+          f"concept effect {(eps_comfy - eps_comfy_base).abs().max():.2e}")
+    assert (cond_comfy[:, :77] - cond_diff).abs().max() < 1e-3
+    assert (eps_comfy - eps_diff).abs().max() < 1e-3
+    assert (eps_comfy - eps_comfy_base).abs().max() > 1e-2  # the concept changes the prediction

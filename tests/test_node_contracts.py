@@ -1,0 +1,74 @@
+"""Node-side logic that needs no ComfyUI: concept tokens in prompts, concept selection, panel data."""
+import pytest
+import torch
+
+from nodes.logic import info_text, panel_data, parse_selection
+from nodes.tokens import PREFIX, ConceptTokenizer
+from seqlora_core.errors import InputError
+
+
+class FakeSDTokenizer:
+    """The two members of ComfyUI's SDTokenizer that ConceptTokenizer relies on."""
+
+    embedding_directory = None
+
+    def _try_get_embedding(self, name):
+        return None, ""
+
+    def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+        out = []
+        for word in text.split():
+            if word.startswith("embedding:") and self.embedding_directory is not None:
+                emb, _ = self._try_get_embedding(word[len("embedding:"):])
+                out += [(emb[i], 1.0) for i in range(emb.shape[0])] if emb is not None else []
+            else:
+                out.append((word, 1.0))
+        return out
+
+
+class FakeSD1Tokenizer:
+    def __init__(self):
+        self.clip_l = FakeSDTokenizer()
+
+    def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+        return {"l": self.clip_l.tokenize_with_weights(text)}
+
+
+def test_concept_tokens_become_their_vectors_and_keep_the_graph():
+    vec = torch.randn(1, 8, requires_grad=True)
+    inner = FakeSD1Tokenizer()
+    tok = ConceptTokenizer(inner, {"<chelsea>": vec})
+    out = tok.tokenize_with_weights("a photo of <chelsea>, sleeping")["l"]
+    tensors = [t for t, _ in out if torch.is_tensor(t)]
+    assert len(tensors) == 1 and torch.equal(tensors[0], vec[0])
+    tensors[0].sum().backward()
+    assert vec.grad is not None  # training reaches the learned embedding
+    assert [w for w, _ in out if not torch.is_tensor(w)] == ["a", "photo", "of", ",", "sleeping"]
+    # the wrapped tokenizer itself is untouched
+    assert inner.clip_l.embedding_directory is None
+    assert inner.tokenize_with_weights(f"embedding:{PREFIX}chelsea")["l"] == [(f"embedding:{PREFIX}chelsea", 1.0)]
+
+
+def test_wrapping_twice_merges_concepts():
+    a, b = torch.ones(1, 4), torch.zeros(1, 4)
+    tok = ConceptTokenizer(ConceptTokenizer(FakeSD1Tokenizer(), {"<a>": a}), {"<b>": b})
+    out = tok.tokenize_with_weights("<a> and <b>")["l"]
+    assert sum(torch.is_tensor(t) for t, _ in out) == 2
+
+
+def test_selection_parsing(stream_bank):
+    ids = [c.id for c in stream_bank.concepts]
+    assert parse_selection("all", stream_bank) == (ids, {})
+    assert parse_selection(f"<{ids[0]}>:0.5, {ids[1]}", stream_bank) == ([ids[0], ids[1]], {ids[0]: 0.5})
+    with pytest.raises(InputError):
+        parse_selection("nobody", stream_bank)
+    with pytest.raises(InputError):
+        parse_selection(f"{ids[0]}:lots", stream_bank)
+
+
+def test_panel_data_and_info(stream_bank):
+    data = panel_data(stream_bank)
+    assert [c["id"] for c in data["concepts"]] == [c.id for c in stream_bank.concepts]
+    assert data["widths"] == [{"width": 64, "layers": 48, "used": 3, "capacity": 16}]
+    assert data["orthogonality"] < 1e-6
+    assert "3 concept(s)" in info_text(stream_bank)
