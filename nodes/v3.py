@@ -46,7 +46,7 @@ class TrainConcept(io.ComfyNode):
                 io.Int.Input("inner_steps", default=2, min=1, max=10, tooltip="T"),
                 io.Float.Input("eps", default=1e-8, min=0.0, max=1e-2, step=1e-9, tooltip="projector regularisation (new banks)"),
                 io.Int.Input("resolution", default=512, min=64, max=1024, step=64),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False),
                 io.Float.Input("lr_a", default=1e-4, min=0.0, max=1.0, step=1e-5),
                 io.Float.Input("lr_b", default=1e-4, min=0.0, max=1.0, step=1e-5),
                 io.Float.Input("lr_embedding", default=5e-3, min=0.0, max=1.0, step=1e-4),
