@@ -126,3 +126,38 @@ def test_compose_in_comfyui_matches_the_diffusers_path(comfy_importable, checkpo
     assert (cond_comfy[:, :77] - cond_diff).abs().max() < 1e-3
     assert (eps_comfy - eps_diff).abs().max() < 1e-3
     assert (eps_comfy - eps_comfy_base).abs().max() > 1e-2  # the concept changes the prediction
+
+
+def test_cancel_during_training_leaves_the_model_as_it_was(comfy_importable, checkpoint, pixels):
+    """ComfyUI's Cancel mid-training: Comfy's interrupt exception, no bank, and the host's UNet and
+    CLIP hold the very same weight tensors, unchanged, with no hook left behind."""
+    import comfy.model_management as mm
+    import comfy.sd
+
+    from seqlora_core.trainer import TrainSettings
+
+    logic = load_pack().nodes.logic
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True, output_clip=True)[:3]
+    modules = [model.model.diffusion_model, clip.cond_stage_model]
+    before = [{n: p for n, p in m.named_parameters()} for m in modules]
+    values = [{n: p.detach().clone() for n, p in list(m.named_parameters())[::25]} for m in modules]
+    image = ((next(iter(pixels.values())) + 1) / 2).permute(0, 2, 3, 1)  # ComfyUI IMAGE layout
+    steps_seen = []
+
+    def progress(step, total, loss):
+        steps_seen.append(step)
+        mm.interrupt_current_processing(True)
+
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            logic.train(model, clip, vae, image, "<cancelled>", "cat", None,
+                        TrainSettings(steps=5, bilevel_iters=1, resolution=64), progress)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert steps_seen == [1]
+    for module, objects, sample in zip(modules, before, values):
+        assert all(p is objects[n] for n, p in module.named_parameters())
+        params = dict(module.named_parameters())
+        assert all(torch.equal(params[n], v) for n, v in sample.items())
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
