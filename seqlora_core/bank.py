@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .atomic import save_safetensors_atomic
 from .bilevel import CONSTRAINED_METHODS, METHODS
 from .errors import BankError, InputError
 from .lora import Factors, compose_factors
@@ -176,21 +176,7 @@ class Bank:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a reader sees the old file or the new one, never a mix."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        folder = path.parent if str(path.parent) else Path(".")
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(self.tensors(), tmp, metadata=self.metadata())
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_safetensors_atomic(self.tensors(), path, self.metadata())
 
 
 def load_bank(path: str | os.PathLike) -> Bank:

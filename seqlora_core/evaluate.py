@@ -13,7 +13,7 @@ from .bank import Bank
 from .errors import InputError
 from .host import Host
 from .lora import LoRAHooks
-from .trainer import denoising_loss, noisy_batch
+from .trainer import denoising_loss, encode_latents, noisy_batch
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
 
@@ -29,7 +29,7 @@ def concept_predictions(host: Host, bank: Bank, token: str, pixels: Tensor, appl
     if not any(c.token == token for c in bank.concepts):
         raise InputError(f"Token {token} is not in the bank.")
     layers = host.linear_layers()
-    latents = torch.cat([host.encode_images(pixels[i:i + 4]) for i in range(0, len(pixels), 4)]).float()
+    latents = encode_latents(host, pixels)
     gen = torch.Generator().manual_seed(seed)
     alphas = host.alphas_cumprod()
     preds, noises = [], []

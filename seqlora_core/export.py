@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import save_safetensors_atomic
 from .bank import Bank
 from .errors import InputError
 
@@ -27,20 +27,6 @@ def kohya_key(layer: str) -> str:
         if layer.startswith(ours):
             return theirs + layer[len(ours):].replace(".", "_")
     raise ValueError(f"layer {layer} has no unet. or text_encoder. prefix")
-
-
-def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def lora_state_dict(bank: Bank, ids: list[str] | None = None,
@@ -68,10 +54,10 @@ def export_lora(bank: Bank, ids: list[str] | None, out: str | os.PathLike) -> tu
         raise InputError("The bank has no concepts to export.")
     meta = {"seqlora_concepts": json.dumps([{"id": c.id, "token": c.token} for c in concepts]),
             "seqlora_base": json.dumps(bank.base)}
-    _atomic_save(lora_state_dict(bank, [c.id for c in concepts]), out, meta)
+    save_safetensors_atomic(lora_state_dict(bank, [c.id for c in concepts]), out, meta)
     written = []
     for c in concepts:
         path = embeddings_dir_for(out) / f"{c.id}.safetensors"
-        _atomic_save({"emb_params": c.embedding.float().contiguous()}, path, {"token": c.token})
+        save_safetensors_atomic({"emb_params": c.embedding.float().contiguous()}, path, {"token": c.token})
         written.append(path)
     return out, written

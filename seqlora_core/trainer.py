@@ -73,10 +73,14 @@ def new_bank(host: Host, eps: float = 1e-8) -> Bank:
     return Bank({"architecture": host.architecture(), "fingerprint": base_fingerprint(host.linear_layers())}, eps)
 
 
+def encode_latents(host: Host, pixels: Tensor, chunk: int = 4) -> Tensor:
+    """(N, 3, R, R) in [-1, 1] → (N, 4, R/8, R/8) float32 latents, a few images at a time."""
+    return torch.cat([host.encode_images(pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)]).float()
+
+
 def encode_dataset(host: Host, pixels: Tensor) -> Tensor:
     """Latents of the images and their mirror images: (2N, 4, h, w) on the host device."""
-    pixels = torch.cat([pixels, pixels.flip(-1)])
-    return torch.cat([host.encode_images(pixels[i:i + 4]) for i in range(0, len(pixels), 4)]).float()
+    return encode_latents(host, torch.cat([pixels, pixels.flip(-1)]))
 
 
 def noisy_batch(latents: Tensor, alphas_cumprod: Tensor, idx: Tensor, noise: Tensor, t: Tensor) -> Tensor:
