@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .bilevel import METHODS
 from .errors import InputError, SeqLoRAError
+from .regions import parse_region
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -153,11 +154,35 @@ def cmd_generate(args) -> None:
             strengths[ident] = float(value)
         except ValueError:
             raise InputError(f"Strength '{item}' should look like id=0.8.") from None
+    resolution = args.resolution or default_resolution(host)
+    regions = [parse_region(r) for r in args.region or []]
+    controls = load_controls(host, args, resolution)
     image = generate(host, bank, args.prompt, _ids(args.concepts), strengths, args.negative, args.steps,
-                     args.guidance, args.resolution or default_resolution(host), args.seed)
+                     args.guidance, resolution, args.seed, regions, controls)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
     print(f"wrote {args.out}")
+
+
+def load_controls(host, args, resolution: int) -> list:
+    """--sketch / --keypose images paired, in order, with the --adapter models."""
+    from .control import Control, control_image, load_control_model
+    from .keypose import load_image_rgb, load_keypose
+
+    images = []
+    if args.sketch:
+        images.append(load_image_rgb(args.sketch, resolution, resolution))
+    if args.keypose:
+        images.append(load_keypose(args.keypose, resolution, resolution))
+    adapters = args.adapter or []
+    if len(adapters) != len(images):
+        raise InputError(f"Give one --adapter per control image: {len(images)} image(s) "
+                         f"(--sketch, --keypose, in that order) but {len(adapters)} adapter(s).")
+    controls = []
+    for path, rgb in zip(adapters, images):
+        model = load_control_model(path, host.device, host.dtype)
+        controls.append(Control(model, control_image(rgb, model)))
+    return controls
 
 
 def cmd_eval(args) -> None:
@@ -245,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=7.5)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--region", action="append", help='"x0,y0,x1,y1:prompt" in pixels, repeatable')
+    g.add_argument("--sketch", default=None, help="sketch image (PNG)")
+    g.add_argument("--keypose", default=None, help="keypose image (PNG) or OpenPose keypoints (JSON)")
+    g.add_argument("--adapter", action="append", help="T2I-Adapter or ControlNet folder, one per control image")
     g.add_argument("--out", required=True)
     g.set_defaults(func=cmd_generate)
 

@@ -116,8 +116,10 @@ class DiffusersHost:
         from diffusers import DDPMScheduler
         return DDPMScheduler.from_config(self.scheduler_config).alphas_cumprod.float()
 
-    def predict_noise(self, noisy: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
-        return self.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=cond.to(self.dtype)).sample
+    def predict_noise(self, noisy: Tensor, timesteps: Tensor, cond: Tensor, **unet_kwargs) -> Tensor:
+        """``unet_kwargs``: control residuals (see ``control.unet_control_kwargs``)."""
+        return self.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=cond.to(self.dtype),
+                         **unet_kwargs).sample
 
     def differentiable_attention(self) -> contextlib.AbstractContextManager:
         return math_attention()
