@@ -47,16 +47,20 @@ def trainable_weights(*modules: nn.Module):
 @contextlib.contextmanager
 def comfy_math_attention():
     """Comfy's UNet attention on attention_basic and torch SDPA on its math kernel."""
+    import comfy.clip_model as clip_model
     import comfy.ldm.modules.attention as attention
 
-    saved = attention.optimized_attention, attention.optimized_attention_masked
+    saved = attention.optimized_attention, attention.optimized_attention_masked, clip_model.optimized_attention_for_device
     attention.optimized_attention = attention.attention_basic
     attention.optimized_attention_masked = attention.attention_basic
+    # the text encoder picks its kernel per call; on GPUs that is SDPA with Comfy's own kernel priority
+    clip_model.optimized_attention_for_device = lambda *args, **kwargs: attention.attention_basic
     try:
         with math_attention():
             yield
     finally:
-        attention.optimized_attention, attention.optimized_attention_masked = saved
+        (attention.optimized_attention, attention.optimized_attention_masked,
+         clip_model.optimized_attention_for_device) = saved
 
 
 @contextlib.contextmanager

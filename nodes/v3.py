@@ -153,6 +153,69 @@ class ComposeConcepts(io.ComfyNode):
         return io.NodeOutput(new_model, new_clip)
 
 
-NODES = [TrainConcept, LoadBasisBank, SaveBasisBank, BasisBankInfo, ComposeConcepts]
+class RegionalConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SeqLoRARegionalConcepts", display_name="Regional Concepts", category=CATEGORY,
+            description="Give regions of the image their own prompts (e.g. one concept per box): inside each "
+                        "region the cross-attention reads that region's prompt, elsewhere the global one. "
+                        "Chain ControlNet / T2I-Adapter (sketch, keypose) on the conditioning as usual.",
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip", tooltip="the composed CLIP, so concept tokens work"),
+                    io.String.Input("regions", multiline=True,
+                                    default='{"width": 512, "height": 512, "regions": []}',
+                                    tooltip="boxes and prompts; drawn with the box editor on the node"),
+                    io.Mask.Input("mask_1", optional=True), io.String.Input("mask_1_prompt", default="", optional=True),
+                    io.Mask.Input("mask_2", optional=True), io.String.Input("mask_2_prompt", default="", optional=True)],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, regions, mask_1=None, mask_1_prompt="", mask_2=None, mask_2_prompt=""):
+        from seqlora_core.regions import Region
+
+        from .regional import apply_regions, parse_regions_json
+
+        boxes, width, height = parse_regions_json(regions)
+        for mask, prompt in ((mask_1, mask_1_prompt), (mask_2, mask_2_prompt)):
+            if mask is not None and prompt.strip():
+                boxes.append(Region(prompt.strip(), mask=mask[0].float().cpu()))
+        logic.check_model(model)
+        return io.NodeOutput(apply_regions(model, clip, boxes, width, height))
+
+
+class DrawKeypose(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SeqLoRADrawKeypose", display_name="Draw Keypose (SeqLoRA)", category=CATEGORY,
+            description="Draw an OpenPose-style keypose image from keypoints (OpenPose JSON) for a keypose "
+                        "T2I-Adapter or ControlNet.",
+            inputs=[io.String.Input("keypoints", multiline=True,
+                                    default='{"people": [{"pose_keypoints_2d": []}]}'),
+                    io.Int.Input("width", default=512, min=64, max=4096, step=8),
+                    io.Int.Input("height", default=512, min=64, max=4096, step=8)],
+            outputs=[io.Image.Output(display_name="keypose")],
+        )
+
+    @classmethod
+    def execute(cls, keypoints, width, height):
+        import json
+
+        import numpy as np
+        import torch
+
+        from seqlora_core.errors import InputError
+        from seqlora_core.keypose import draw_keypose
+
+        try:
+            data = json.loads(keypoints)
+        except json.JSONDecodeError:
+            raise InputError("Keypoints must be OpenPose JSON: {\"people\": [{\"pose_keypoints_2d\": [x, y, c, …]}]}.") from None
+        image = draw_keypose(data, width, height).astype(np.float32) / 255.0
+        return io.NodeOutput(torch.from_numpy(image)[None])
+
+
+NODES = [TrainConcept, LoadBasisBank, SaveBasisBank, BasisBankInfo, ComposeConcepts, RegionalConcepts, DrawKeypose]
 NODE_CLASS_MAPPINGS = {n.define_schema().node_id: n for n in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {n.define_schema().node_id: n.define_schema().display_name for n in NODES}
