@@ -6,6 +6,7 @@ Nothing here re-implements the method: training is ``seqlora_core.trainer.train_
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -103,6 +104,22 @@ def save_bank_file(bank: Bank, name: str, overwrite: bool = False) -> str:
         counter += 1
     bank.save(path)
     return path.name
+
+
+def bank_tokens() -> dict[str, list[str]]:
+    """Every bank in models/seqlora → its concept tokens, from the file headers only (cheap)."""
+    import folder_paths
+    from safetensors import safe_open
+
+    out = {}
+    for name in bank_files():
+        try:
+            with safe_open(folder_paths.get_full_path(FOLDER, name), framework="pt") as f:
+                entries = json.loads((f.metadata() or {}).get("concepts", "[]"))
+            out[name] = [e["token"] for e in entries if isinstance(e, dict) and "token" in e]
+        except Exception:  # a damaged file just offers no tokens here; loading it says why
+            out[name] = []
+    return out
 
 
 def info_text(bank: Bank) -> str:

@@ -17,6 +17,22 @@ BasisBank = io.Custom("BASIS_BANK")
 logic.register_folder()
 
 
+def _register_routes() -> None:
+    """GET /seqlora/concepts: the tokens of every bank in models/seqlora (the box editor's picker)."""
+    try:
+        from aiohttp import web
+        from server import PromptServer
+    except ImportError:
+        return
+
+    @PromptServer.instance.routes.get("/seqlora/concepts")
+    async def concepts(request):
+        return web.json_response(logic.bank_tokens())
+
+
+_register_routes()
+
+
 def _send(event: str, data: dict) -> None:
     try:
         from server import PromptServer

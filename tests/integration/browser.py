@@ -1,7 +1,8 @@
 """Headless Chromium (Debian's /usr/bin/chromium, driven by Playwright) on ComfyUI's real frontend.
 
 Also a tool: ``python tests/integration/browser.py URL`` regenerates the UI-format example
-workflow (workflows/train_compose.json) from the API-format one, through the frontend itself.
+workflows (workflows/NAME.json) from the API-format ones (workflows/NAME_api.json), through the
+frontend itself, laid out in columns by graph depth.
 """
 from __future__ import annotations
 
@@ -15,10 +16,23 @@ ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-# where each node of the example goes on the canvas (x, y), by node id
-LAYOUT = {1: (40, 60), 2: (40, 260), 3: (420, 60), 4: (800, 60), 13: (800, 300), 5: (800, 520),
-          6: (1180, 60), 7: (1180, 300), 8: (1180, 520), 9: (1560, 60), 10: (1560, 560), 11: (1900, 60),
-          12: (420, 760)}
+WORKFLOWS = ("train_compose", "regional_sketch_keypose")
+
+
+def layout(api_workflow: dict) -> list[list[str]]:
+    """Columns of node ids: one column per depth in the graph (longest path from a source)."""
+    depth: dict[str, int] = {}
+
+    def visit(node_id: str) -> int:
+        if node_id not in depth:
+            links = [v[0] for v in api_workflow[node_id]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+            depth[node_id] = 1 + max((visit(str(i)) for i in links), default=-1)
+        return depth[node_id]
+
+    columns: dict[int, list[str]] = {}
+    for node_id in api_workflow:
+        columns.setdefault(visit(node_id), []).append(node_id)
+    return [sorted(columns[c], key=int) for c in sorted(columns)]
 
 
 @contextmanager
@@ -44,24 +58,35 @@ def frontend_page(url: str):
 
 
 def load_api_workflow(page, api_workflow: dict, name: str = "seqlora_example") -> None:
-    page.evaluate("""async ([wf, name, layout]) => {
+    page.evaluate("""async ([wf, name, columns]) => {
         await window.app.loadApiJson(wf, name);
-        for (const [id, pos] of Object.entries(layout)) {
-            const node = window.app.graph.getNodeById(Number(id));
-            if (node) node.pos = pos;
+        let x = 40;
+        for (const column of columns) {
+            let y = 60, widest = 0;
+            for (const id of column) {
+                const node = window.app.graph.getNodeById(Number(id));
+                if (!node) continue;
+                const size = node.computeSize();
+                node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
+                node.pos = [x, y];
+                y += node.size[1] + 70;
+                widest = Math.max(widest, node.size[0]);
+            }
+            x += widest + 60;
         }
         window.app.graph.setDirtyCanvas(true, true);
-    }""", [api_workflow, name, {str(k): list(v) for k, v in LAYOUT.items()}])
+    }""", [api_workflow, name, layout(api_workflow)])
 
 
-def export_ui_workflow(url: str) -> dict:
-    api = json.loads((ROOT / "workflows" / "train_compose_api.json").read_text())
+def export_ui_workflows(url: str) -> None:
     with frontend_page(url) as page:
-        load_api_workflow(page, api)
-        return json.loads(page.evaluate("() => JSON.stringify(window.app.graph.serialize())"))
+        for name in WORKFLOWS:
+            api = json.loads((ROOT / "workflows" / f"{name}_api.json").read_text())
+            load_api_workflow(page, api, name)
+            ui = json.loads(page.evaluate("() => JSON.stringify(window.app.graph.serialize())"))
+            (ROOT / "workflows" / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
+            print(f"wrote workflows/{name}.json")
 
 
 if __name__ == "__main__":
-    ui = export_ui_workflow(sys.argv[1])
-    (ROOT / "workflows" / "train_compose.json").write_text(json.dumps(ui, indent=1) + "\n")
-    print("wrote workflows/train_compose.json")
+    export_ui_workflows(sys.argv[1])
