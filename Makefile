@@ -7,14 +7,14 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.seqlora-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench ui clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(STAMP): requirements.txt requirements-ui.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install -r requirements.txt -r requirements-ui.txt -r requirements-dev.txt -c constraints.txt
 	touch $(STAMP)
 
 demo: setup
@@ -22,6 +22,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+ui: setup
+	$(PY) -m seqlora_core ui --base tiny
 
 bench: setup
 	$(PY) bench/step_cost.py

@@ -211,6 +211,14 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), steps=args.steps, device=args.device)
 
 
+def cmd_ui(args) -> None:
+    try:
+        from .ui import serve
+    except ImportError as exc:
+        raise InputError(f"The UI needs gradio ({exc}); pip install gradio.") from None
+    serve(args.base, args.bank, args.port, args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m seqlora_core", description="SeqLoRA: continual multi-concept LoRA for SD-1.5.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -290,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=30)
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=cmd_demo)
+    u = sub.add_parser("ui", help="serve the SeqLoRA tab (gradio) on 127.0.0.1")
+    u.add_argument("--base", default="tiny", help="tiny | sd15-random | PATH")
+    u.add_argument("--bank", default="out/ui/bank.safetensors")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--device", default="auto")
+    u.set_defaults(func=cmd_ui)
     return p
 
 
