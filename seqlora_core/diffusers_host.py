@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from .bases import Components, load_components
 from .host import math_attention
+from .token_injection import TokenInjector
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -38,13 +39,7 @@ class DiffusersHost:
             _place(m, device, dtype) for m in (parts.unet, parts.vae, parts.text_encoder))
         self.tokenizer = parts.tokenizer
         self.scheduler_config = parts.scheduler_config
-        self._token_ids: dict[str, int] = {}  # concept token → id in the tokenizer
-        self._active: dict[int, Tensor] = {}  # token id → (1, d) vector during one encode
-        embed = self.text_encoder.get_input_embeddings()
-        self._vocab = embed.num_embeddings
-        embed.register_forward_pre_hook(self._clamp_ids)
-        embed.register_forward_hook(self._substitute)
-        self._ids_seen: Tensor | None = None
+        self.tokens = TokenInjector(self.tokenizer, self.text_encoder.get_input_embeddings())
 
     @classmethod
     def load(cls, base: str, device: str = "auto", dtype: torch.dtype | None = None) -> "DiffusersHost":
@@ -69,39 +64,10 @@ class DiffusersHost:
         return self.text_encoder.get_input_embeddings().embedding_dim
 
     def init_embedding(self, word: str) -> Tensor:
-        ids = self.tokenizer(word, add_special_tokens=False).input_ids
-        ids = [i for i in ids if i < self._vocab] or [self.tokenizer.unk_token_id or 0]
-        table = self.text_encoder.get_input_embeddings().weight
-        return table[ids].detach().float().mean(dim=0, keepdim=True).cpu()
-
-    def _token_id(self, token: str) -> int:
-        if token not in self._token_ids:
-            self.tokenizer.add_tokens([token])
-            self._token_ids[token] = self.tokenizer.convert_tokens_to_ids(token)
-        return self._token_ids[token]
-
-    def _clamp_ids(self, module: nn.Module, inputs: tuple) -> tuple:
-        ids = inputs[0]
-        self._ids_seen = ids
-        if self._active or bool((ids >= self._vocab).any()):
-            return (ids.clamp(max=self._vocab - 1),)
-        return None
-
-    def _substitute(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-        ids = self._ids_seen
-        for token_id, vec in self._active.items():
-            mask = (ids == token_id).unsqueeze(-1)  # (b, 77, 1)
-            output = torch.where(mask, vec[0].to(output.dtype), output)
-        return output
+        return self.tokens.init_embedding(word, self.text_encoder.get_input_embeddings().weight)
 
     def encode_text(self, prompts: list[str], embeddings: dict[str, Tensor]) -> Tensor:
-        ids = [self._token_id(t) for t in embeddings]
-        batch = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        self._active = {i: embeddings[t].to(self.device) for i, t in zip(ids, embeddings)}
-        try:
-            return self.text_encoder(batch.input_ids.to(self.device))[0]
-        finally:
-            self._active = {}
+        return self.tokens.encode(self.text_encoder, prompts, embeddings, self.device)
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         with torch.no_grad():

@@ -8,6 +8,7 @@ only replaced (atomically) after a training succeeds.
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import queue
@@ -38,6 +39,9 @@ class TabSession:
     resolution: int = 512
     export_dir: Path = field(default_factory=lambda: Path("out") / "exports")
     sample: Callable | None = None  # (host, bank, prompt, ids, strengths) -> PIL image
+    job: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # host's GPU lock / job
+    should_stop: Callable[[], bool] | None = None  # host's interrupt flag
+    on_progress: Callable[[int, int, float], None] | None = None  # host's own progress display
     _host: object = None
 
     def host(self):
@@ -114,10 +118,16 @@ def build_tab(session: TabSession):
         events: queue.Queue = queue.Queue()
         losses: list[float] = []
 
+        def progress(step, total, loss):
+            events.put(("step", step, total, loss))
+            if session.on_progress is not None:
+                session.on_progress(step, total, loss)
+
         def work():
             try:
-                result = train_concept(host, bank, pixels, token, init_word, settings,
-                                       progress=lambda s, t, loss: events.put(("step", s, t, loss)))
+                with session.job():
+                    result = train_concept(host, bank, pixels, token, init_word, settings, progress=progress,
+                                           should_stop=session.should_stop)
                 result.bank.save(session.bank_path)
                 events.put(("done", result))
             except Exception as exc:  # shown in the page; the bank file is untouched

@@ -1,0 +1,63 @@
+"""Concept tokens on a transformers CLIP text encoder, without touching its embedding table.
+
+Each concept token (``<chelsea>``) is added to the tokenizer once; while ``encode`` runs, a
+forward pre-hook on the input-embedding module clamps the new ids into range and a forward hook
+swaps the learned vectors in at their positions, keeping the autograd graph to them. Used by the
+diffusers host and by A1111 (whose text encoder is the same transformers model).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class TokenInjector:
+    def __init__(self, tokenizer, embedding_module: nn.Module):
+        self.tokenizer = tokenizer
+        table = getattr(embedding_module, "wrapped", embedding_module)  # A1111 wraps nn.Embedding
+        self.vocab = table.weight.shape[0]
+        self._ids: dict[str, int] = {}  # concept token → id in the tokenizer
+        self._active: dict[int, Tensor] = {}  # token id → (1, d) vector during one encode
+        self._seen: Tensor | None = None
+        embedding_module.register_forward_pre_hook(self._clamp_ids)
+        embedding_module.register_forward_hook(self._substitute)
+
+    def token_id(self, token: str) -> int:
+        if token not in self._ids:
+            self.tokenizer.add_tokens([token])
+            self._ids[token] = self.tokenizer.convert_tokens_to_ids(token)
+        return self._ids[token]
+
+    def _clamp_ids(self, module: nn.Module, inputs: tuple):
+        ids = inputs[0]
+        self._seen = ids
+        if self._active or bool((ids >= self.vocab).any()):
+            return (ids.clamp(max=self.vocab - 1), *inputs[1:])
+        return None
+
+    def _substitute(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        for token_id, vec in self._active.items():
+            mask = (self._seen == token_id).unsqueeze(-1)  # (b, 77, 1)
+            output = torch.where(mask, vec[0].to(output.dtype), output)
+        return output
+
+    def input_ids(self, prompts: list[str], embeddings: dict[str, Tensor]) -> Tensor:
+        for token in embeddings:
+            self.token_id(token)
+        return self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                              return_tensors="pt").input_ids
+
+    def encode(self, text_encoder: nn.Module, prompts: list[str], embeddings: dict[str, Tensor], device) -> Tensor:
+        """(b, 77, d) last hidden state with the concept tokens' vectors in place."""
+        ids = self.input_ids(prompts, embeddings)
+        self._active = {self._ids[t]: e.to(device) for t, e in embeddings.items()}
+        try:
+            return text_encoder(ids.to(device))[0]
+        finally:
+            self._active = {}
+
+    def init_embedding(self, word: str, table: Tensor) -> Tensor:
+        """(1, d): the mean input embedding of ``word``'s BPE pieces."""
+        ids = self.tokenizer(word, add_special_tokens=False).input_ids
+        ids = [i for i in ids if i < self.vocab] or [self.tokenizer.unk_token_id or 0]
+        return table[ids].detach().float().mean(dim=0, keepdim=True).cpu()
