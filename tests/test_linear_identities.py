@@ -7,7 +7,15 @@ import torch
 from seqlora_core.bilevel import BilevelConfig, BilevelSolver, cross_hessian_vector_product
 from seqlora_core.projector import NullSpaceProjector, normalised_overlap
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """Exactness checks run in float64; restored afterwards so other test modules keep float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def two_layer_problem(seed=0, n=5, m=6, r=2, N=7):
