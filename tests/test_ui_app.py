@@ -4,6 +4,7 @@ installs the first two; .ci/run installs chromium)."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -31,9 +32,9 @@ def ui_server(tmp_path):
     port = _port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), SEQLORA_CACHE=str(ROOT / ".cache"))
     bank = tmp_path / "bank.safetensors"
+    log = open(tmp_path / "ui.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "seqlora_core", "ui", "--base", "tiny", "--port", str(port),
-                             "--bank", str(bank), "--device", "cpu"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--bank", str(bank), "--device", "cpu"], cwd=ROOT, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -47,6 +48,14 @@ def ui_server(tmp_path):
     yield url, bank
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def _tab(page, name):
+    """Tab buttons: role=tab in current gradio, plain buttons in gradio 3.41."""
+    tabs = page.get_by_role("tab", name=name)
+    if tabs.count():
+        return tabs.first
+    return page.locator("button").filter(has_text=re.compile(rf"^\s*{name}\s*$")).first
 
 
 def _field(page, elem_id):
@@ -67,7 +76,9 @@ def test_upload_train_list_export(ui_server, photos):
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(url)
         page.locator("#seqlora_images input[type=file]").set_input_files(files)
-        page.wait_for_timeout(1500)
+        page.wait_for_function(r"() => [...document.querySelectorAll('#seqlora_images')]"
+                               r".some(e => e.textContent.replace(/\s+/g, '').includes('2.png'))", timeout=60000)  # uploads finished
+        page.wait_for_timeout(2000)
         _field(page, "seqlora_token").fill("<chelsea>")
         _field(page, "seqlora_init_word").fill("cat")
         for elem_id, value in (("seqlora_steps", "2"), ("seqlora_iters", "1"), ("seqlora_lr", "0.003")):
@@ -75,22 +86,22 @@ def test_upload_train_list_export(ui_server, photos):
             _field(page, elem_id).press("Tab")
         page.locator("#seqlora_train").click()
         page.locator("#seqlora_train_status .seqlora-ok, #seqlora_train_status .seqlora-error").wait_for(timeout=300000)
-        status = page.locator("#seqlora_train_status").text_content()
-        assert "trained <chelsea>" in status, status
+        status = page.locator("#seqlora_train_status").first.text_content()
+        assert "trained <chelsea>" in status, status + (bank.parent / "ui.log").read_text()[-3000:]
         assert bank.exists()
-        page.get_by_role("tab", name="Bank").click()
-        page.wait_for_function("() => document.querySelector('#seqlora_concepts').textContent.includes('<chelsea>')",
+        _tab(page, "Bank").click()
+        page.wait_for_function("() => [...document.querySelectorAll('#seqlora_concepts')].some(e => e.textContent.includes('<chelsea>'))",
                                timeout=30000)
-        assert "1 concept(s)" in page.locator("#seqlora_capacity").text_content()
+        assert "1 concept(s)" in page.locator("#seqlora_capacity").first.text_content()
         (ROOT / "out").mkdir(exist_ok=True)
         page.screenshot(path=str(ROOT / "out" / "ui-bank.png"), full_page=True)
-        page.get_by_role("tab", name="Compose").click()
+        _tab(page, "Compose").click()
         assert page.locator("#seqlora_compose_ids input[type=checkbox]").first.is_checked()  # all chosen by default
         page.locator("#seqlora_export").click()
         page.locator("#seqlora_compose_status .seqlora-ok, #seqlora_compose_status .seqlora-error").wait_for(timeout=60000)
-        assert "exported seqlora_chelsea.safetensors" in page.locator("#seqlora_compose_status").text_content()
+        assert "exported seqlora_chelsea.safetensors" in page.locator("#seqlora_compose_status").first.text_content()
         assert (bank.parent / "exports" / "seqlora_chelsea.safetensors").exists()
-        page.get_by_role("tab", name="Train").click()
+        _tab(page, "Train").click()
         page.screenshot(path=str(ROOT / "out" / "ui-train.png"), full_page=True)
         browser.close()
     assert not errors, errors
