@@ -33,6 +33,11 @@ def _register_routes() -> None:
 _register_routes()
 
 
+def _bank_ui(bank, text: str) -> dict:
+    """What the bank nodes show: the info text and the js panel's data."""
+    return {"text": [text], "seqlora_bank": [logic.panel_data(bank)]}
+
+
 def _send(event: str, data: dict) -> None:
     try:
         from server import PromptServer
@@ -111,7 +116,7 @@ class LoadBasisBank(io.ComfyNode):
     def execute(cls, bank_name, model=None):
         bank = logic.load_bank_file(bank_name, model)
         text = logic.info_text(bank)
-        return io.NodeOutput(bank, text, ui={"text": [text], "seqlora_bank": [logic.panel_data(bank)]})
+        return io.NodeOutput(bank, text, ui=_bank_ui(bank, text))
 
 
 class SaveBasisBank(io.ComfyNode):
@@ -129,8 +134,7 @@ class SaveBasisBank(io.ComfyNode):
     @classmethod
     def execute(cls, bank, bank_name, overwrite):
         name = logic.save_bank_file(bank, bank_name, overwrite)
-        text = f"saved {name}\n" + logic.info_text(bank)
-        return io.NodeOutput(name, ui={"text": [text], "seqlora_bank": [logic.panel_data(bank)]})
+        return io.NodeOutput(name, ui=_bank_ui(bank, f"saved {name}\n" + logic.info_text(bank)))
 
 
 class BasisBankInfo(io.ComfyNode):
@@ -147,7 +151,7 @@ class BasisBankInfo(io.ComfyNode):
     @classmethod
     def execute(cls, bank):
         text = logic.info_text(bank)
-        return io.NodeOutput(text, ui={"text": [text], "seqlora_bank": [logic.panel_data(bank)]})
+        return io.NodeOutput(text, ui=_bank_ui(bank, text))
 
 
 class ComposeConcepts(io.ComfyNode):
