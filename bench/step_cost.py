@@ -25,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("frozen-basis", "alternating", "seqlora")
+# glibc: serve big blocks from the heap and never trim it, so freed tensors' pages are reused
+KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**34),
+              "MALLOC_TOP_PAD_": str(2**30)}
 
 
 def rss_mb() -> float:
@@ -80,6 +83,9 @@ def main() -> None:
     p.add_argument("--child", dest="method", default=None)
     p.add_argument("--workdir", default=str(ROOT / "out" / "bench"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU: let glibc keep freed blocks (as a GPU caching allocator does) instead of "
+                        "returning them to the OS after every pass; separates compute from page faults")
     args = p.parse_args()
     if args.resolution is None:
         args.resolution = 512 if args.device == "cuda" else 128
@@ -90,7 +96,8 @@ def main() -> None:
     for method in METHODS:
         cmd = [sys.executable, __file__, "--child", method, "--base", args.base, "--device", args.device,
                "--resolution", str(args.resolution), "--steps", str(args.steps), "--workdir", args.workdir]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ, **KEEP_FREED) if args.keep_freed_memory else None
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -106,13 +113,14 @@ def main() -> None:
         "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "device": rows[0]["device"], "device_name": rows[0]["device_name"]},
         "settings": {"base": args.base, "resolution": args.resolution, "batch_size": 1, "inner_steps": 2,
-                     "targets": "default", "timed_steps": args.steps, "dtype": rows[0]["dtype"], "torch": rows[0]["torch"]},
+                     "targets": "default", "timed_steps": args.steps, "dtype": rows[0]["dtype"], "torch": rows[0]["torch"],
+                     "keep_freed_memory": args.keep_freed_memory},
         "methods": rows, "seqlora_over_alternating_time": ratio_time, "seqlora_over_alternating_memory": ratio_mem,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if args.device == "cuda" else "cpu"
-    path = out / f"step_cost-{tag}-{args.resolution}px.json"
+    path = out / f"step_cost-{tag}-{args.resolution}px{'-keepmem' if args.keep_freed_memory else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 
