@@ -75,7 +75,9 @@ def test_upload_train_list_export(ui_server, photos):
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(url)
-        page.locator("#seqlora_images input[type=file]").set_input_files(files)
+        with page.expect_response(lambda r: "/upload" in r.url, timeout=60000) as uploaded:
+            page.locator("#seqlora_images input[type=file]").set_input_files(files)
+        assert uploaded.value.ok
         page.wait_for_function(r"() => [...document.querySelectorAll('#seqlora_images')]"
                                r".some(e => e.textContent.replace(/\s+/g, '').includes('2.png'))", timeout=60000)  # uploads finished
         page.wait_for_timeout(2000)
