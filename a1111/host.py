@@ -13,20 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from seqlora_core.host import math_attention
-from seqlora_core.naming import text_canonical, unet_compvis_to_canonical
+from seqlora_core.naming import compvis_layers
 from seqlora_core.token_injection import TokenInjector
-
-
-def collect_layers(unet: nn.Module, text_encoder: nn.Module) -> dict[str, nn.Linear]:
-    """Canonical name → Linear for a CompVis UNet and a transformers CLIPTextModel."""
-    out = {}
-    for path, module in unet.named_modules():
-        if isinstance(module, nn.Linear) and (name := unet_compvis_to_canonical(path)):
-            out[name] = module
-    for path, module in text_encoder.named_modules():
-        if isinstance(module, nn.Linear) and (name := text_canonical(path)):
-            out[name] = module
-    return out
 
 
 class A1111Host:
@@ -42,7 +30,7 @@ class A1111Host:
         self.device, self.dtype = param.device, param.dtype
         # our own tokenizer copy: A1111's prompt parsing keeps its tokenizer untouched
         self.tokens = TokenInjector(copy.deepcopy(wrapped.tokenizer), self.text_encoder.get_input_embeddings())
-        self._layers = collect_layers(self.unet, self.text_encoder)
+        self._layers = compvis_layers(self.unet, self.text_encoder)
 
     def architecture(self) -> str:
         return "sd15"

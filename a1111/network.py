@@ -15,8 +15,7 @@ import torch
 from seqlora_core.bank import load_bank
 from seqlora_core.errors import InputError
 from seqlora_core.lora import LoRAHooks
-
-from .host import collect_layers
+from seqlora_core.naming import compvis_layers
 
 
 def bank_dir() -> str:
@@ -59,7 +58,7 @@ def make_extra_network():
             if not params_list:
                 return
             sd_model = shared.sd_model
-            layers = collect_layers(sd_model.model.diffusion_model, sd_model.cond_stage_model.wrapped.transformer)
+            layers = compvis_layers(sd_model.model.diffusion_model, sd_model.cond_stage_model.wrapped.transformer)
             composed, tokens = {}, {}
             for bank_file, concept, strength in parse_params(params_list):
                 bank = load_bank(os.path.join(bank_dir(), bank_file))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from seqlora_core.host import math_attention
-from seqlora_core.naming import text_canonical, unet_compvis_to_canonical
+from seqlora_core.naming import compvis_layers
 
 from .tokens import ConceptTokenizer
 
@@ -95,21 +95,7 @@ class ComfyHost:
         self.text = clip.cond_stage_model
         self.device = model.load_device
         self.dtype = model.model.get_dtype()
-        self._layers = self._collect_layers()
-
-    def _collect_layers(self) -> dict[str, nn.Linear]:
-        out = {}
-        for path, module in self.unet.named_modules():
-            if isinstance(module, nn.Linear):
-                name = unet_compvis_to_canonical(path)
-                if name is not None:
-                    out[name] = module
-        for path, module in self.text.named_modules():
-            if isinstance(module, nn.Linear) and ".clip_g." not in f".{path}":
-                name = text_canonical(path)
-                if name is not None:
-                    out[name] = module
-        return out
+        self._layers = compvis_layers(self.unet, self.text)
 
     # -- protocol ----------------------------------------------------------------------------
     def architecture(self) -> str:

@@ -18,7 +18,7 @@ from seqlora_core.bank import Bank, load_bank
 from seqlora_core.errors import BankError, InputError
 from seqlora_core.export import lora_state_dict
 from seqlora_core.fingerprint import base_fingerprint
-from seqlora_core.naming import text_canonical, unet_compvis_to_canonical
+from seqlora_core.naming import compvis_layers
 from seqlora_core.plot import loss_curve_image
 from seqlora_core.trainer import TrainSettings, new_bank, train_concept
 
@@ -50,15 +50,7 @@ def bank_files() -> list[str]:
 # -- base checks ---------------------------------------------------------------------------------
 def model_layers(model, clip=None) -> dict[str, torch.nn.Linear]:
     """Canonical name → Linear for a Comfy MODEL (and CLIP), without loading anything."""
-    out = {}
-    for path, module in model.model.diffusion_model.named_modules():
-        if isinstance(module, torch.nn.Linear) and (name := unet_compvis_to_canonical(path)):
-            out[name] = module
-    if clip is not None:
-        for path, module in clip.cond_stage_model.named_modules():
-            if isinstance(module, torch.nn.Linear) and (name := text_canonical(path)):
-                out[name] = module
-    return out
+    return compvis_layers(model.model.diffusion_model, clip.cond_stage_model if clip is not None else None)
 
 
 def check_model(model) -> None:
@@ -123,7 +115,7 @@ def bank_tokens() -> dict[str, list[str]]:
 
 
 def info_text(bank: Bank) -> str:
-    rows = bank.layer_table(bank.concepts[-1].rank if bank.concepts else 4)
+    rows = bank.layer_table()
     lines = [f"{len(bank.concepts)} concept(s), base {bank.base.get('architecture')} "
              f"(fingerprint {bank.base.get('fingerprint')})"]
     for c in bank.concepts:
@@ -138,15 +130,8 @@ def info_text(bank: Bank) -> str:
 
 def panel_data(bank: Bank) -> dict:
     """What the js bank panel draws: concepts and capacity per layer width."""
-    rows = bank.layer_table(bank.concepts[-1].rank if bank.concepts else 4)
-    widths: dict[int, dict] = {}
-    for r in rows:
-        w = widths.setdefault(r["in_features"], {"width": r["in_features"], "layers": 0, "used": 0, "capacity": r["capacity"]})
-        w["layers"] += 1
-        w["used"] = max(w["used"], r["used"])
-        w["capacity"] = min(w["capacity"], r["capacity"])
     return {"concepts": [{"id": c.id, "token": c.token, "method": c.method, "rank": c.rank} for c in bank.concepts],
-            "widths": sorted(widths.values(), key=lambda w: w["width"]),
+            "widths": bank.width_summary(),
             "orthogonality": bank.max_orthogonality_error()}
 
 

@@ -48,6 +48,18 @@ def token_to_id(token: str) -> str:
     return ident
 
 
+def parse_strengths(items: list[str]) -> dict[str, float]:
+    """['chelsea=0.8', …] → {'chelsea': 0.8}; one sentence for a malformed item."""
+    out = {}
+    for item in items:
+        ident, _, value = item.partition("=")
+        try:
+            out[ident.strip()] = float(value)
+        except ValueError:
+            raise InputError(f"Strength '{item}' should look like id=0.8.") from None
+    return out
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
@@ -106,8 +118,14 @@ class Bank:
         earlier = [c.B[layer] for c in self.concepts if c.constrained and layer in c.B]
         return NullSpaceProjector(in_features, earlier, self.eps)
 
-    def layer_table(self, rank: int = 4) -> list[dict]:
+    @property
+    def rank(self) -> int:
+        """The rank capacity is counted in: the latest concept's (4 for an empty bank)."""
+        return self.concepts[-1].rank if self.concepts else 4
+
+    def layer_table(self, rank: int | None = None) -> list[dict]:
         """Per adapted layer: width, concepts held, and how many it can hold at ``rank``."""
+        rank = rank or self.rank
         rows = []
         for name, (n, m) in self.layer_shapes().items():
             held = [c for c in self.concepts if c.constrained and name in c.B]
@@ -116,10 +134,23 @@ class Bank:
                          "capacity": len(held) + (m - used_width) // rank, "free_width": m - used_width})
         return rows
 
-    def max_orthogonality_error(self) -> float:
+    def width_summary(self) -> list[dict]:
+        """Per input width: how many layers, the most concepts any holds, the least any can hold."""
+        widths: dict[int, dict] = {}
+        for r in self.layer_table():
+            w = widths.setdefault(r["in_features"], {"width": r["in_features"], "layers": 0, "used": 0,
+                                                     "capacity": r["capacity"]})
+            w["layers"] += 1
+            w["used"] = max(w["used"], r["used"])
+            w["capacity"] = min(w["capacity"], r["capacity"])
+        return sorted(widths.values(), key=lambda w: w["width"])
+
+    def max_orthogonality_error(self, constrained_only: bool = True) -> float:
+        """Worst normalised overlap between two concepts' bases on any layer (by default among
+        the orthogonality-constrained concepts only, the ones the guarantee covers)."""
         worst = 0.0
         for name in self.layer_shapes():
-            bases = [c.B[name] for c in self.concepts if c.constrained and name in c.B]
+            bases = [c.B[name] for c in self.concepts if (c.constrained or not constrained_only) and name in c.B]
             for j in range(len(bases)):
                 for i in range(j + 1, len(bases)):
                     worst = max(worst, normalised_overlap(bases[j], bases[i]))

@@ -91,11 +91,10 @@ def cmd_train(args) -> None:
 
 
 def bank_summary(bank) -> dict:
-    rank = bank.concepts[-1].rank if bank.concepts else 4
     return {"concepts": [{"id": c.id, "token": c.token, "rank": c.rank, "method": c.method,
                           "init_word": c.init_word, "created": c.created, "final_loss": c.final_loss}
                          for c in bank.concepts],
-            "layers": bank.layer_table(rank),
+            "layers": bank.layer_table(),
             "max_orthogonality_error": bank.max_orthogonality_error(),
             "base": bank.base, "eps": bank.eps}
 
@@ -144,16 +143,11 @@ def cmd_export(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from .bank import parse_strengths
     from .generate import generate
 
     host, bank = _host_bank(args, Path(args.bank))
-    strengths = {}
-    for item in args.strength or []:
-        ident, _, value = item.partition("=")
-        try:
-            strengths[ident] = float(value)
-        except ValueError:
-            raise InputError(f"Strength '{item}' should look like id=0.8.") from None
+    strengths = parse_strengths(args.strength or [])
     resolution = args.resolution or default_resolution(host)
     regions = [parse_region(r) for r in args.region or []]
     controls = load_controls(host, args, resolution)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from torch import nn
+
 LAYERS_PER_BLOCK = 2  # SD-1.5
 
 # diffusers block prefix → CompVis block prefix (spatial-transformer blocks only)
@@ -53,3 +55,16 @@ def text_canonical(path: str) -> str | None:
     """Any host's CLIP-L module path ending in 'text_model.…' → 'text_encoder.text_model.…'."""
     i = path.find("text_model.")
     return None if i < 0 else "text_encoder." + path[i:]
+
+
+def compvis_layers(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, nn.Linear]:
+    """Canonical name → Linear for a host's CompVis UNet and (optionally) its CLIP-L text encoder."""
+    out = {}
+    for path, module in unet.named_modules():
+        if isinstance(module, nn.Linear) and (name := unet_compvis_to_canonical(path)):
+            out[name] = module
+    if text_encoder is not None:
+        for path, module in text_encoder.named_modules():
+            if isinstance(module, nn.Linear) and (name := text_canonical(path)):
+                out[name] = module
+    return out

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import html
-import os
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .bank import Bank, load_bank
+from .bank import Bank, load_bank, parse_strengths
 from .bilevel import METHODS
 from .errors import InputError, SeqLoRAError
 from .plot import loss_curve_image
@@ -62,17 +60,12 @@ def bank_rows(bank: Bank | None) -> list[list]:
 def capacity_html(bank: Bank | None) -> str:
     if bank is None or not bank.concepts:
         return "<div class='seqlora-capacity'>No concepts yet.</div>"
-    rows = bank.layer_table(bank.concepts[-1].rank)
-    widths: dict[int, list[dict]] = {}
-    for r in rows:
-        widths.setdefault(r["in_features"], []).append(r)
     parts = [f"<div class='seqlora-capacity'><b>{len(bank.concepts)} concept(s)</b>, max orthogonality error "
              f"{bank.max_orthogonality_error():.1e}"]
-    for width, rs in sorted(widths.items()):
-        used = max(r["used"] for r in rs)
-        cap = min(r["capacity"] for r in rs)
+    for w in bank.width_summary():
+        used, cap = w["used"], w["capacity"]
         pct = 100 * used / max(cap, 1)
-        parts.append(f"<div>{len(rs)} layer(s) of width {width}: {used} / {cap} concepts"
+        parts.append(f"<div>{w['layers']} layer(s) of width {w['width']}: {used} / {cap} concepts"
                      f"<div style='background:#ddd;height:8px;border-radius:4px'>"
                      f"<div class='seqlora-bar' style='background:#4a8;height:8px;border-radius:4px;width:{pct:.1f}%'>"
                      f"</div></div></div>")
@@ -102,7 +95,7 @@ def build_tab(session: TabSession):
 
     def train(files, token, init_word, method, rank, steps, iters, inner, lr, seed):
         """A generator: the page gets the loss curve live while a worker thread trains."""
-        status, curve = "", None
+        status = ""
         try:
             if not files:
                 raise InputError("Upload at least one reference image.")
@@ -190,7 +183,7 @@ def build_tab(session: TabSession):
             bank = session.bank()
             if bank is None or not ids:
                 raise InputError("Choose at least one concept.")
-            strengths = parse_strengths(strengths_text)
+            strengths = parse_strengths([p.strip() for p in (strengths_text or "").split(",") if p.strip()])
             if session.sample is None:
                 raise InputError("This host has no preview sampler; export the LoRA instead.")
             image = session.sample(session.host(), bank, prompt, list(ids), strengths)
@@ -266,17 +259,6 @@ def build_tab(session: TabSession):
         export_btn.click(export, [compose_ids], [compose_status, exported])
         tab.load(refresh, None, listing)
     return tab
-
-
-def parse_strengths(text: str) -> dict[str, float]:
-    out = {}
-    for item in filter(None, (p.strip() for p in (text or "").split(","))):
-        ident, _, value = item.partition("=")
-        try:
-            out[ident.strip()] = float(value)
-        except ValueError:
-            raise InputError(f"Strength '{item}' should look like id=0.8.") from None
-    return out
 
 
 def serve(base: str, bank: str, port: int, device: str = "auto", steps: int = 25) -> None:

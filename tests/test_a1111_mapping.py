@@ -1,4 +1,4 @@
-"""The A1111 host adapter's layer names, checked against the CompVis module naming of SD-1.5."""
+"""The layer names A1111 and ComfyUI hosts use, checked against the CompVis module naming of SD-1.5."""
 import json
 from pathlib import Path
 
@@ -7,7 +7,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from a1111.host import collect_layers
+from seqlora_core.naming import compvis_layers
 from seqlora_core.bases import CONFIGS
 from seqlora_core.targets import select_layers
 
@@ -39,7 +39,7 @@ def sd15_meta(sub):
 
 def test_every_compvis_attention_linear_maps_onto_a_diffusers_layer():
     te = sd15_meta("text_encoder")
-    layers = collect_layers(compvis_unet(), te)
+    layers = compvis_layers(compvis_unet(), te)
     diffusers_names = {f"unet.{n}" for n, m in sd15_meta("unet").named_modules() if isinstance(m, nn.Linear)}
     unet_names = {n for n in layers if n.startswith("unet.")}
     assert len(unet_names) == 16 * 10  # q, k, v, out × 2 attentions, proj ff ×2 … per transformer block
