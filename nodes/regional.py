@@ -17,7 +17,6 @@ import torch
 from seqlora_core.errors import InputError
 from seqlora_core.regions import Region, RegionalState, region_masks, regional_cross_attention
 
-from .tokens import ConceptTokenizer
 
 
 def parse_regions_json(text: str) -> tuple[list[Region], int, int]:

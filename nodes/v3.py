@@ -5,7 +5,7 @@ ComfyUI as one-sentence exceptions (SeqLoRAError).
 """
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from seqlora_core.bilevel import METHODS
 from seqlora_core.trainer import TrainSettings

@@ -13,7 +13,7 @@ from .bank import Bank
 from .errors import InputError
 from .host import Host
 from .lora import LoRAHooks
-from .trainer import denoising_loss, encode_latents, noisy_batch
+from .trainer import encode_latents, noisy_batch
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
 

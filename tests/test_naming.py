@@ -1,5 +1,4 @@
 """The canonical ↔ CompVis mapping covers exactly the diffusers SD-1.5 attention layers."""
-import re
 
 from seqlora_core.naming import text_canonical, unet_canonical_to_compvis, unet_compvis_to_canonical
 

@@ -1,5 +1,4 @@
 """The engine on the tiny SD-1.5-architecture model: orthogonality, composition, hooks."""
-import copy
 
 import pytest
 import torch

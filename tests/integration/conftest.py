@@ -6,9 +6,7 @@ Without COMFYUI_PATH every test here is skipped, saying why.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 import subprocess
 import sys

@@ -78,8 +78,8 @@ def test_box_editor_draws_and_edits_regions(comfy_server, comfy_path, stream_ban
             x0, y0, x1, y1 = regions[2]["box"]
             assert 0 <= x0 < x1 <= 512 and 256 < y0 < y1 <= 512
             token = stream_bank.concepts[0].token
-            page.wait_for_function(f"() => document.querySelectorAll('.seqlora-box-row')[2]?.querySelector('select')"
-                                   f".options.length > 1")
+            page.wait_for_function("() => document.querySelectorAll('.seqlora-box-row')[2]?.querySelector('select')"
+                                   ".options.length > 1")
             page.locator(".seqlora-box-row").nth(2).locator("select").select_option(token)
             assert token in page.evaluate(regions_of)[2]["prompt"]
             page.locator(".seqlora-box-row").nth(0).locator("button").click()
