@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest -q
 
 ui: setup
-	$(PY) -m seqlora_core ui --base tiny
+	$(PY) -m seqlora_ui --base tiny
 
 bench: setup
 	$(PY) bench/step_cost.py

@@ -15,7 +15,7 @@ if _ROOT not in sys.path:
 WEB_DIRECTORY = "./js"
 
 if importlib.util.find_spec("comfy_api") is not None:  # inside ComfyUI
-    from .nodes.v3 import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .nodes.node_defs import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 else:
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 

@@ -2,7 +2,7 @@
 
 UNet: ``sd_model.model.diffusion_model`` in the CompVis layout; text encoder: the transformers
 CLIPTextModel at ``sd_model.cond_stage_model.wrapped.transformer``. Names map onto the bank's
-canonical names with ``seqlora_core.naming`` — the same mapping ComfyUI's modules use.
+canonical names with ``seqlora_core.hosts.naming`` — the same mapping ComfyUI's modules use.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from seqlora_core.host import math_attention
-from seqlora_core.naming import compvis_layers
-from seqlora_core.token_injection import TokenInjector
+from seqlora_core.hosts.protocol import math_attention
+from seqlora_core.hosts.naming import compvis_layers
+from seqlora_core.hosts.token_injection import TokenInjector
 
 
 class A1111Host:

@@ -12,10 +12,10 @@ import os
 
 import torch
 
-from seqlora_core.bank import load_bank
+from seqlora_core.bank.format import load_bank
 from seqlora_core.errors import InputError
-from seqlora_core.lora import LoRAHooks
-from seqlora_core.naming import compvis_layers
+from seqlora_core.method.lora import LoRAHooks
+from seqlora_core.hosts.naming import compvis_layers
 
 
 def bank_dir() -> str:

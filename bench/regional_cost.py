@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     import torch
 
-    from seqlora_core.diffusers_host import DiffusersHost
-    from seqlora_core.regions import Region, RegionalState, region_masks, regional_unet
+    from seqlora_core.hosts.diffusers_host import DiffusersHost
+    from seqlora_core.sampling.regions import Region, RegionalState, region_masks, regional_unet
 
     p = argparse.ArgumentParser()
     p.add_argument("--base", default="sd15-random")

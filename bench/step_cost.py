@@ -39,10 +39,10 @@ def child(args) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from seqlora_core.diffusers_host import DiffusersHost
-    from seqlora_core.images import load_images
-    from seqlora_core.trainer import TrainSettings, train_concept
-    from seqlora_core.demo import write_photos
+    from seqlora_core.hosts.diffusers_host import DiffusersHost
+    from seqlora_core.app.images import load_images
+    from seqlora_core.method.trainer import TrainSettings, train_concept
+    from seqlora_core.app.demo import write_photos
 
     torch.manual_seed(0)
     host = DiffusersHost.load(args.base, args.device)

@@ -1,6 +1,6 @@
 // SeqLoRA front-end: a panel on the bank nodes (concepts, capacity bars, orthogonality) and a live
 // loss curve on "Train Concept (SeqLoRA)". The server sends what is drawn: the bank nodes' UI output
-// carries `seqlora_bank` (nodes/logic.py: panel_data); training broadcasts `seqlora.progress` and,
+// carries `seqlora_bank` (nodes/operations.py: panel_data); training broadcasts `seqlora.progress` and,
 // when done, `seqlora.bank`.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";

@@ -1,14 +1,14 @@
 """The core's host protocol on ComfyUI's own objects: MODEL (ModelPatcher), CLIP and VAE.
 
-Thin by design: layer names come from ``seqlora_core.naming``, the algorithm from
-``seqlora_core.trainer``. What is Comfy-specific lives here:
+Thin by design: layer names come from ``seqlora_core.hosts.naming``, the algorithm from
+``seqlora_core.method.trainer``. What is Comfy-specific lives here:
 
 * ComfyUI runs nodes under ``torch.inference_mode``; weights loaded there are inference tensors,
   which autograd refuses to save. ``trainable_weights`` swaps them for ordinary clones for the
   duration of a training run and puts the originals back, so the host's model is left as it was.
 * Comfy picks its attention kernel at import time; the differentiable pass swaps in
   ``attention_basic`` (plain matmul/softmax, with double backward) and torch's math SDPA kernel.
-* Concept tokens are fed through :class:`nodes.tokens.ConceptTokenizer`.
+* Concept tokens are fed through :class:`nodes.concept_tokenizer.ConceptTokenizer`.
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from seqlora_core.host import math_attention
-from seqlora_core.naming import compvis_layers
+from seqlora_core.hosts.protocol import math_attention
+from seqlora_core.hosts.naming import compvis_layers
 
-from .tokens import ConceptTokenizer
+from .concept_tokenizer import ConceptTokenizer
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ Every cross-attention module (attn2) of the UNet gets its ``forward`` replaced t
 ``ModelPatcher.add_object_patch`` on a clone of the MODEL (the stock mechanism; the original
 model is untouched and nothing is copied). The replacement projects each region's prompt with the
 module's own to_k / to_v (so composed concepts apply to region prompts too), attends with Comfy's
-own attention function, and blends with ``seqlora_core.regions.blend``. Only conditional batch
+own attention function, and blends with ``seqlora_core.sampling.regions.blend``. Only conditional batch
 rows are regional; ControlNet / T2I-Adapter conditioning chains on as usual.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import types
 import torch
 
 from seqlora_core.errors import InputError
-from seqlora_core.regions import Region, RegionalState, region_masks, regional_cross_attention
+from seqlora_core.sampling.regions import Region, RegionalState, region_masks, regional_cross_attention
 
 
 

@@ -1,6 +1,6 @@
 """AUTOMATIC1111 entry: the "SeqLoRA" tab and the <seqlora:BANK:CONCEPT[:strength]> extra network.
 
-Thin: the tab is ``seqlora_core.ui.build_tab`` on an A1111 host over ``shared.sd_model``;
+Thin: the tab is ``seqlora_ui.tab.build_tab`` on an A1111 host over ``shared.sd_model``;
 training holds A1111's GPU queue lock, shows in its progress state and stops on its Interrupt.
 """
 import os
@@ -15,7 +15,7 @@ from modules import call_queue, extra_networks, paths, script_callbacks, shared 
 
 from a1111.host import A1111Host  # noqa: E402
 from a1111.network import bank_dir, make_extra_network  # noqa: E402
-from seqlora_core.ui import TabSession, build_tab  # noqa: E402
+from seqlora_ui.tab import TabSession, build_tab  # noqa: E402
 
 
 def _progress(step, total, loss):

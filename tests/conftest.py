@@ -9,10 +9,10 @@ import torch
 
 os.environ.setdefault("SEQLORA_CACHE", str(Path(__file__).resolve().parent.parent / ".cache"))
 
-from seqlora_core.demo import write_photos  # noqa: E402
-from seqlora_core.diffusers_host import DiffusersHost  # noqa: E402
-from seqlora_core.images import load_images  # noqa: E402
-from seqlora_core.trainer import TrainSettings, train_concept  # noqa: E402
+from seqlora_core.app.demo import write_photos  # noqa: E402
+from seqlora_core.hosts.diffusers_host import DiffusersHost  # noqa: E402
+from seqlora_core.app.images import load_images  # noqa: E402
+from seqlora_core.method.trainer import TrainSettings, train_concept  # noqa: E402
 
 RES = 64
 

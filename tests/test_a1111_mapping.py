@@ -7,9 +7,9 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from seqlora_core.naming import compvis_layers
-from seqlora_core.bases import CONFIGS
-from seqlora_core.targets import select_layers
+from seqlora_core.hosts.naming import compvis_layers
+from seqlora_core.hosts.base_models import CONFIGS
+from seqlora_core.method.targets import select_layers
 
 NAMES = Path(__file__).parent / "data" / "compvis_sd15_linear_modules.txt"
 

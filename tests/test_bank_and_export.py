@@ -6,9 +6,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from seqlora_core.bank import Bank, load_bank
+from seqlora_core.bank.format import Bank, load_bank
 from seqlora_core.errors import BankError
-from seqlora_core.export import export_lora, kohya_key
+from seqlora_core.bank.export import export_lora, kohya_key
 
 
 def test_bank_round_trip(stream_bank, tmp_path):

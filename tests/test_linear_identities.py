@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from seqlora_core.bilevel import BilevelConfig, BilevelSolver, cross_hessian_vector_product
-from seqlora_core.projector import NullSpaceProjector, normalised_overlap
+from seqlora_core.method.bilevel import BilevelConfig, BilevelSolver, cross_hessian_vector_product
+from seqlora_core.method.projector import NullSpaceProjector, normalised_overlap
 
 
 

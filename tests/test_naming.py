@@ -1,6 +1,6 @@
 """The canonical ↔ CompVis mapping covers exactly the diffusers SD-1.5 attention layers."""
 
-from seqlora_core.naming import text_canonical, unet_canonical_to_compvis, unet_compvis_to_canonical
+from seqlora_core.hosts.naming import text_canonical, unet_canonical_to_compvis, unet_compvis_to_canonical
 
 
 def test_every_tiny_unet_attention_layer_maps_and_round_trips(host):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from nodes.logic import info_text, panel_data, parse_selection
-from nodes.tokens import PREFIX, ConceptTokenizer
+from nodes.operations import info_text, panel_data, parse_selection
+from nodes.concept_tokenizer import PREFIX, ConceptTokenizer
 from seqlora_core.errors import InputError
 
 

@@ -7,10 +7,10 @@ import torch
 from diffusers import ControlNetModel, T2IAdapter
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from seqlora_core.control import Control, control_image, unet_control_kwargs
+from seqlora_core.sampling.control import Control, control_image, unet_control_kwargs
 from seqlora_core.errors import InputError
-from seqlora_core.keypose import COLORS, draw_keypose
-from seqlora_core.regions import (Region, RegionalAttnProcessor, RegionalState, box_mask, layer_weights,
+from seqlora_core.sampling.keypose import COLORS, draw_keypose
+from seqlora_core.sampling.regions import (Region, RegionalAttnProcessor, RegionalState, box_mask, layer_weights,
                                   parse_region, region_masks)
 
 

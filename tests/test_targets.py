@@ -6,10 +6,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from seqlora_core.bases import CONFIGS
-from seqlora_core.diffusers_host import canonical_text_name
+from seqlora_core.hosts.base_models import CONFIGS
+from seqlora_core.hosts.diffusers_host import canonical_text_name
 from seqlora_core.errors import InputError
-from seqlora_core.targets import select_layers
+from seqlora_core.method.targets import select_layers
 
 
 @pytest.fixture(scope="module")

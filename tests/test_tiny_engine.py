@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from seqlora_core.bilevel import BilevelConfig, BilevelSolver
-from seqlora_core.lora import LoRAHooks
-from seqlora_core.trainer import denoising_loss, train_concept
+from seqlora_core.method.bilevel import BilevelConfig, BilevelSolver
+from seqlora_core.method.lora import LoRAHooks
+from seqlora_core.method.trainer import denoising_loss, train_concept
 
 from conftest import quick_settings
 

@@ -33,7 +33,7 @@ def ui_server(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), SEQLORA_CACHE=str(ROOT / ".cache"))
     bank = tmp_path / "bank.safetensors"
     log = open(tmp_path / "ui.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "seqlora_core", "ui", "--base", "tiny", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "seqlora_ui", "--base", "tiny", "--port", str(port),
                              "--bank", str(bank), "--device", "cpu"], cwd=ROOT, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120

@@ -26,7 +26,7 @@ def build(comfy_path: str, out: str, dtype: str = "fp16", seed: int = 0) -> None
     import comfy.diffusers_convert
     import comfy.model_detection
     import comfy.utils
-    from seqlora_core.bases import random_components
+    from seqlora_core.hosts.base_models import random_components
 
     torch.manual_seed(seed)
     parts = random_components("sd15-random")

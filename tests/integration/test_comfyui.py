@@ -39,7 +39,7 @@ def test_nodes_are_registered(comfy_server):
 
 
 def test_example_workflow_trains_saves_composes_and_samples(comfy_server, comfy_path, photo):
-    from seqlora_core.bank import load_bank
+    from seqlora_core.bank.format import load_bank
 
     name = f"pytest_bank_{os.getpid()}"
     entry = run_workflow(comfy_server, quick_example_workflow(photo, name))
@@ -84,11 +84,11 @@ def test_compose_in_comfyui_matches_the_diffusers_path(comfy_importable, checkpo
     import comfy.model_management as mm
     import comfy.sd
 
-    from seqlora_core.bank import load_bank
-    from seqlora_core.diffusers_host import DiffusersHost
-    from seqlora_core.lora import LoRAHooks
+    from seqlora_core.bank.format import load_bank
+    from seqlora_core.hosts.diffusers_host import DiffusersHost
+    from seqlora_core.method.lora import LoRAHooks
 
-    logic = load_pack().nodes.logic
+    operations = load_pack().nodes.operations
     bank_path = tmp_path / "bank.safetensors"
     token = "<chelsea>"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -105,7 +105,7 @@ def test_compose_in_comfyui_matches_the_diffusers_path(comfy_importable, checkpo
 
     with torch.inference_mode():
         model, clip, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True, output_clip=True)[:3]
-        composed_model, composed_clip = logic.compose(model, clip, bank, [c.id for c in bank.concepts], {})
+        composed_model, composed_clip = operations.compose(model, clip, bank, [c.id for c in bank.concepts], {})
         mm.load_models_gpu([composed_model, composed_clip.patcher], force_full_load=True)
         cond_comfy = composed_clip.encode_from_tokens(composed_clip.tokenize(prompt)).float()
         eps_comfy = composed_model.model.diffusion_model(x, timesteps=t, context=cond_comfy).float()
@@ -133,9 +133,9 @@ def test_cancel_during_training_leaves_the_model_as_it_was(comfy_importable, che
     import comfy.model_management as mm
     import comfy.sd
 
-    from seqlora_core.trainer import TrainSettings
+    from seqlora_core.method.trainer import TrainSettings
 
-    logic = load_pack().nodes.logic
+    operations = load_pack().nodes.operations
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True, output_clip=True)[:3]
     modules = [model.model.diffusion_model, clip.cond_stage_model]
@@ -150,7 +150,7 @@ def test_cancel_during_training_leaves_the_model_as_it_was(comfy_importable, che
 
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            logic.train(model, clip, vae, image, "<cancelled>", "cat", None,
+            operations.train(model, clip, vae, image, "<cancelled>", "cat", None,
                         TrainSettings(steps=5, bilevel_iters=1, resolution=64), progress)
     finally:
         mm.interrupt_current_processing(False)

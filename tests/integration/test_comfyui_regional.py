@@ -17,7 +17,7 @@ from .helpers import CKPT_NAME, ROOT, load_pack, run_workflow
 def test_region_isolation_in_comfy_cross_attention(comfy_importable):
     from comfy.ldm.modules.attention import CrossAttention
 
-    from seqlora_core.regions import Region, region_masks
+    from seqlora_core.sampling.regions import Region, region_masks
 
     load_pack()
     regional = importlib.import_module("seqlora_pack.nodes.regional")

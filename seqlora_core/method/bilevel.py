@@ -32,12 +32,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..settings import METHODS
+
 # L(A, B, aux) -> scalar loss; each argument a list of tensors
 LossFn = Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]], Tensor]
 Projection = Callable[[Sequence[Tensor]], list[Tensor]]
 
-METHODS = ("seqlora", "alternating", "frozen-basis", "lora")
-CONSTRAINED_METHODS = ("seqlora", "alternating", "frozen-basis")
 
 
 @dataclass

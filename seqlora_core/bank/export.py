@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from .atomic import save_safetensors_atomic
-from .bank import Bank
-from .errors import InputError
+from .format import Bank
+from ..errors import InputError
 
 PREFIXES = (("unet.", "lora_unet_"), ("text_encoder.", "lora_te_"))
 

@@ -1,20 +1,20 @@
 """SeqLoRA nodes, declared with ComfyUI's V3 node API (comfy_api.latest), category "SeqLoRA".
 
-Each class only declares inputs/outputs and calls ``nodes.logic``. Errors the user caused reach
+Each class only declares inputs/outputs and calls ``nodes.operations``. Errors the user caused reach
 ComfyUI as one-sentence exceptions (SeqLoRAError).
 """
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from seqlora_core.bilevel import METHODS
-from seqlora_core.trainer import TrainSettings
+from seqlora_core.settings import METHODS
+from seqlora_core.method.trainer import TrainSettings
 
-from . import logic
+from . import operations
 
 CATEGORY = "SeqLoRA"
 BasisBank = io.Custom("BASIS_BANK")
-logic.register_folder()
+operations.register_folder()
 
 
 def _register_routes() -> None:
@@ -27,7 +27,7 @@ def _register_routes() -> None:
 
     @PromptServer.instance.routes.get("/seqlora/concepts")
     async def concepts(request):
-        return web.json_response(logic.bank_tokens())
+        return web.json_response(operations.bank_tokens())
 
 
 _register_routes()
@@ -35,7 +35,7 @@ _register_routes()
 
 def _bank_ui(bank, text: str) -> dict:
     """What the bank nodes show: the info text and the js panel's data."""
-    return {"text": [text], "seqlora_bank": [logic.panel_data(bank)]}
+    return {"text": [text], "seqlora_bank": [operations.panel_data(bank)]}
 
 
 def _send(event: str, data: dict) -> None:
@@ -94,9 +94,9 @@ class TrainConcept(io.ComfyNode):
             losses.append(loss)
             _send("seqlora.progress", {"node": node, "step": step, "total": total, "loss": loss})
 
-        new_bank, new_model, new_clip, curve, _ = logic.train(model, clip, vae, images, token, init_word, bank,
+        new_bank, new_model, new_clip, curve, _ = operations.train(model, clip, vae, images, token, init_word, bank,
                                                                settings, progress)
-        _send("seqlora.bank", {"node": node, **logic.panel_data(new_bank)})
+        _send("seqlora.bank", {"node": node, **operations.panel_data(new_bank)})
         return io.NodeOutput(new_bank, new_model, new_clip, curve)
 
 
@@ -106,7 +106,7 @@ class LoadBasisBank(io.ComfyNode):
         return io.Schema(
             node_id="SeqLoRALoadBasisBank", display_name="Load Basis Bank", category=CATEGORY,
             description="Load a SeqLoRA bank from models/seqlora.",
-            inputs=[io.Combo.Input("bank_name", options=logic.bank_files()),
+            inputs=[io.Combo.Input("bank_name", options=operations.bank_files()),
                     io.Model.Input("model", optional=True, tooltip="refuse the bank if it was made for another base")],
             outputs=[BasisBank.Output(display_name="bank"), io.String.Output(display_name="info")],
             hidden=[io.Hidden.unique_id],
@@ -114,8 +114,8 @@ class LoadBasisBank(io.ComfyNode):
 
     @classmethod
     def execute(cls, bank_name, model=None):
-        bank = logic.load_bank_file(bank_name, model)
-        text = logic.info_text(bank)
+        bank = operations.load_bank_file(bank_name, model)
+        text = operations.info_text(bank)
         return io.NodeOutput(bank, text, ui=_bank_ui(bank, text))
 
 
@@ -133,8 +133,8 @@ class SaveBasisBank(io.ComfyNode):
 
     @classmethod
     def execute(cls, bank, bank_name, overwrite):
-        name = logic.save_bank_file(bank, bank_name, overwrite)
-        return io.NodeOutput(name, ui=_bank_ui(bank, f"saved {name}\n" + logic.info_text(bank)))
+        name = operations.save_bank_file(bank, bank_name, overwrite)
+        return io.NodeOutput(name, ui=_bank_ui(bank, f"saved {name}\n" + operations.info_text(bank)))
 
 
 class BasisBankInfo(io.ComfyNode):
@@ -150,7 +150,7 @@ class BasisBankInfo(io.ComfyNode):
 
     @classmethod
     def execute(cls, bank):
-        text = logic.info_text(bank)
+        text = operations.info_text(bank)
         return io.NodeOutput(text, ui=_bank_ui(bank, text))
 
 
@@ -168,8 +168,8 @@ class ComposeConcepts(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, bank, concepts):
-        ids, strengths = logic.parse_selection(concepts, bank)
-        new_model, new_clip = logic.compose(model, clip, bank, ids, strengths)
+        ids, strengths = operations.parse_selection(concepts, bank)
+        new_model, new_clip = operations.compose(model, clip, bank, ids, strengths)
         return io.NodeOutput(new_model, new_clip)
 
 
@@ -192,7 +192,7 @@ class RegionalConcepts(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, regions, mask_1=None, mask_1_prompt="", mask_2=None, mask_2_prompt=""):
-        from seqlora_core.regions import Region
+        from seqlora_core.sampling.regions import Region
 
         from .regional import apply_regions, parse_regions_json
 
@@ -200,7 +200,7 @@ class RegionalConcepts(io.ComfyNode):
         for mask, prompt in ((mask_1, mask_1_prompt), (mask_2, mask_2_prompt)):
             if mask is not None and prompt.strip():
                 boxes.append(Region(prompt.strip(), mask=mask[0].float().cpu()))
-        logic.check_model(model)
+        operations.check_model(model)
         return io.NodeOutput(apply_regions(model, clip, boxes, width, height))
 
 
@@ -226,7 +226,7 @@ class DrawKeypose(io.ComfyNode):
         import torch
 
         from seqlora_core.errors import InputError
-        from seqlora_core.keypose import draw_keypose
+        from seqlora_core.sampling.keypose import draw_keypose
 
         try:
             data = json.loads(keypoints)

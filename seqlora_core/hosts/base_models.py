@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import InputError
+from ..errors import InputError
 
 CONFIGS = Path(__file__).parent / "configs"
 BASE_SEED = 20260521

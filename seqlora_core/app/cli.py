@@ -10,9 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from .bilevel import METHODS
-from .errors import InputError, SeqLoRAError
-from .regions import parse_region
+from ..settings import METHODS
+from ..errors import InputError, SeqLoRAError
+from ..sampling.regions import parse_region
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -23,15 +23,15 @@ def _ids(text: str | None) -> list[str] | None:
 
 
 def _load_host(args):
-    from .diffusers_host import DiffusersHost
+    from ..hosts.diffusers_host import DiffusersHost
 
     return DiffusersHost.load(args.base, args.device)
 
 
 def _host_bank(args, path: Path):
     """Load host and an existing bank, and refuse a bank made for another base."""
-    from .bank import load_bank
-    from .fingerprint import base_fingerprint
+    from ..bank.format import load_bank
+    from ..bank.fingerprint import base_fingerprint
 
     bank = load_bank(path)
     host = _load_host(args)
@@ -46,10 +46,10 @@ def default_resolution(host) -> int:
 def cmd_train(args) -> None:
     from tqdm.auto import tqdm
 
-    from .bank import load_bank, token_to_id
-    from .fingerprint import base_fingerprint
+    from ..bank.format import load_bank, token_to_id
+    from ..bank.fingerprint import base_fingerprint
     from .images import load_images
-    from .trainer import TrainSettings, new_bank, train_concept
+    from ..method.trainer import TrainSettings, new_bank, train_concept
 
     bank_path = Path(args.bank)
     ident = token_to_id(args.token)
@@ -100,7 +100,7 @@ def bank_summary(bank) -> dict:
 
 
 def cmd_bank_info(args) -> None:
-    from .bank import load_bank
+    from ..bank.format import load_bank
 
     summary = bank_summary(load_bank(args.file))
     if args.json:
@@ -126,7 +126,7 @@ def cmd_bank_info(args) -> None:
 
 
 def cmd_bank_remove(args) -> None:
-    from .bank import load_bank
+    from ..bank.format import load_bank
 
     bank = load_bank(args.file)
     bank.without(args.concept).save(args.file)
@@ -134,8 +134,8 @@ def cmd_bank_remove(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .bank import load_bank
-    from .export import export_lora
+    from ..bank.format import load_bank
+    from ..bank.export import export_lora
 
     bank = load_bank(args.file)
     out, embeddings = export_lora(bank, _ids(args.concepts), args.out)
@@ -143,8 +143,8 @@ def cmd_export(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .bank import parse_strengths
-    from .generate import generate
+    from ..bank.format import parse_strengths
+    from ..sampling.generate import generate
 
     host, bank = _host_bank(args, Path(args.bank))
     strengths = parse_strengths(args.strength or [])
@@ -160,8 +160,8 @@ def cmd_generate(args) -> None:
 
 def load_controls(host, args, resolution: int) -> list:
     """--sketch / --keypose images paired, in order, with the --adapter models."""
-    from .control import Control, control_image, load_control_model
-    from .keypose import load_image_rgb, load_keypose
+    from ..sampling.control import Control, control_image, load_control_model
+    from ..sampling.keypose import load_image_rgb, load_keypose
 
     images = []
     if args.sketch:
@@ -204,13 +204,6 @@ def cmd_demo(args) -> None:
 
     run_demo(Path(args.out), steps=args.steps, device=args.device)
 
-
-def cmd_ui(args) -> None:
-    try:
-        from .ui import serve
-    except ImportError as exc:
-        raise InputError(f"The UI needs gradio ({exc}); pip install gradio.") from None
-    serve(args.base, args.bank, args.port, args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,12 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=30)
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=cmd_demo)
-    u = sub.add_parser("ui", help="serve the SeqLoRA tab (gradio) on 127.0.0.1")
-    u.add_argument("--base", default="tiny", help="tiny | sd15-random | PATH")
-    u.add_argument("--bank", default="out/ui/bank.safetensors")
-    u.add_argument("--port", type=int, default=7860)
-    u.add_argument("--device", default="auto")
-    u.set_defaults(func=cmd_ui)
     return p
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .bank import Bank
-from .diffusers_host import DiffusersHost
+from ..bank.format import Bank
+from ..hosts.diffusers_host import DiffusersHost
 from .evaluate import concept_loss, output_drift
-from .export import export_lora
+from ..bank.export import export_lora
 from .images import load_images
-from .trainer import TrainSettings, new_bank, train_concept
+from ..method.trainer import TrainSettings, new_bank, train_concept
 
 # (token, init word, scikit-image photo) — photos that ship inside scikit-image, no download
 STREAM = (("<chelsea>", "cat", "chelsea"), ("<coffee>", "cup", "coffee"),

@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .bank import Bank
-from .errors import InputError
-from .host import Host
-from .lora import LoRAHooks
-from .trainer import encode_latents, noisy_batch
+from ..bank.format import Bank
+from ..errors import InputError
+from ..hosts.protocol import Host
+from ..method.lora import LoRAHooks
+from ..method.trainer import encode_latents, noisy_batch
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
 

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .bank import Bank
+from ..bank.format import Bank
 from .control import Control, unet_control_kwargs
-from .diffusers_host import DiffusersHost
-from .lora import LoRAHooks
+from ..hosts.diffusers_host import DiffusersHost
+from ..method.lora import LoRAHooks
 from .regions import Region, RegionalState, region_masks, regional_unet
 
 

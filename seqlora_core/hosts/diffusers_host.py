@@ -6,8 +6,8 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from .bases import Components, load_components
-from .host import math_attention
+from .base_models import Components, load_components
+from .protocol import math_attention
 from .token_injection import TokenInjector
 
 

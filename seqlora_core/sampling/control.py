@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from ..errors import InputError
 
 
 @dataclass

@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bank import Bank, Concept, token_to_id
-from .bilevel import CONSTRAINED_METHODS, BilevelConfig, BilevelSolver, is_finite
-from .errors import CapacityError, InputError, SeqLoRAError
-from .fingerprint import base_fingerprint
-from .host import Host
+from ..bank.format import Bank, Concept, token_to_id
+from ..settings import CONSTRAINED_METHODS
+from .bilevel import BilevelConfig, BilevelSolver, is_finite
+from ..errors import CapacityError, InputError, SeqLoRAError
+from ..bank.fingerprint import base_fingerprint
+from ..hosts.protocol import Host
 from .lora import LoRAHooks
 from .targets import select_layers
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from .errors import InputError
+from ..errors import InputError
 
 TEXT_ATTENTION = r"^text_encoder\..*self_attn\.(q|k|v|out)_proj$"
 PRESETS: dict[str, list[str]] = {

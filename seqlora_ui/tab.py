@@ -1,7 +1,7 @@
 """The SeqLoRA tab: train concepts, manage a bank, compose and export — one gradio Blocks.
 
 ``build_tab(session)`` builds it for any host: A1111 calls it from ``scripts/seqlora_tab.py``
-with its own host; ``python -m seqlora_core ui`` serves it standalone on the diffusers host.
+with its own host; ``python -m seqlora_ui`` serves it standalone on the diffusers host (``standalone.py``).
 Only plain components and ``.click`` are used, so the same code runs on the gradio A1111 ships
 (3.41) and on current gradio. Every error shows in the page as one sentence; the bank file is
 only replaced (atomically) after a training succeeds.
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .bank import Bank, load_bank, parse_strengths
-from .bilevel import METHODS
-from .errors import InputError, SeqLoRAError
-from .plot import loss_curve_image
+from seqlora_core.bank.format import Bank, load_bank, parse_strengths
+from seqlora_core.settings import METHODS
+from seqlora_core.errors import InputError, SeqLoRAError
+from seqlora_core.app.plot import loss_curve_image
 
 
 def _path(f) -> str:
@@ -81,9 +81,9 @@ def build_tab(session: TabSession):
     """The tab as a gr.Blocks (caller launches it or hands it to its host)."""
     import gradio as gr
 
-    from .export import export_lora
-    from .images import load_images
-    from .trainer import TrainSettings, train_concept
+    from seqlora_core.bank.export import export_lora
+    from seqlora_core.app.images import load_images
+    from seqlora_core.method.trainer import TrainSettings, train_concept
 
     def refresh():
         try:
@@ -259,22 +259,3 @@ def build_tab(session: TabSession):
         export_btn.click(export, [compose_ids], [compose_status, exported])
         tab.load(refresh, None, listing)
     return tab
-
-
-def serve(base: str, bank: str, port: int, device: str = "auto", steps: int = 25) -> None:
-    """``python -m seqlora_core ui``: the tab on the diffusers host, on 127.0.0.1."""
-    from .diffusers_host import DiffusersHost
-    from .generate import generate
-
-    def factory():
-        return DiffusersHost.load(base, device)
-
-    resolution = 64 if base == "tiny" else 512
-
-    def sample(host, bank, prompt, ids, strengths):
-        return generate(host, bank, prompt, ids, strengths, steps=steps if base != "tiny" else 4, resolution=resolution)
-
-    session = TabSession(factory, Path(bank), resolution=resolution, sample=sample,
-                         export_dir=Path(bank).resolve().parent / "exports")
-    tab = build_tab(session)
-    tab.queue().launch(server_name="127.0.0.1", server_port=port, show_error=True, prevent_thread_lock=False)

@@ -1,6 +1,6 @@
-"""What the SeqLoRA nodes do, on ComfyUI objects; the node classes in ``v3`` only declare I/O.
+"""What the SeqLoRA nodes do, on ComfyUI objects; the node classes in ``node_defs`` only declare I/O.
 
-Nothing here re-implements the method: training is ``seqlora_core.trainer.train_concept`` on a
+Nothing here re-implements the method: training is ``seqlora_core.method.trainer.train_concept`` on a
 :class:`ComfyHost`, composition is the core's kohya export handed to ComfyUI's own LoRA loader
 (clone + patches, exactly like a stock LoraLoader; no weight is copied per concept).
 """
@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqlora_core.bank import Bank, load_bank
+from seqlora_core.bank.format import Bank, load_bank
 from seqlora_core.errors import BankError, InputError
-from seqlora_core.export import lora_state_dict
-from seqlora_core.fingerprint import base_fingerprint
-from seqlora_core.naming import compvis_layers
-from seqlora_core.plot import loss_curve_image
-from seqlora_core.trainer import TrainSettings, new_bank, train_concept
+from seqlora_core.bank.export import lora_state_dict
+from seqlora_core.bank.fingerprint import base_fingerprint
+from seqlora_core.hosts.naming import compvis_layers
+from seqlora_core.app.plot import loss_curve_image
+from seqlora_core.method.trainer import TrainSettings, new_bank, train_concept
 
-from .tokens import ConceptTokenizer
+from .concept_tokenizer import ConceptTokenizer
 
 FOLDER = "seqlora"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9 _.()-]+$")
@@ -174,7 +174,7 @@ def images_to_pixels(image: torch.Tensor, resolution: int) -> torch.Tensor:
     """ComfyUI IMAGE (b, H, W, 3) in [0, 1] → (b, 3, R, R) in [-1, 1], centre-cropped."""
     from PIL import Image
 
-    from seqlora_core.images import pil_to_tensor
+    from seqlora_core.app.images import pil_to_tensor
 
     frames = []
     for frame in image.detach().float().cpu():

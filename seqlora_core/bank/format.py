@@ -25,10 +25,10 @@ import torch
 from torch import Tensor
 
 from .atomic import save_safetensors_atomic
-from .bilevel import CONSTRAINED_METHODS, METHODS
-from .errors import BankError, InputError
-from .lora import Factors, compose_factors
-from .projector import NullSpaceProjector, normalised_overlap
+from ..settings import CONSTRAINED_METHODS, METHODS
+from ..errors import BankError, InputError
+from ..method.lora import Factors, compose_factors
+from ..method.projector import NullSpaceProjector, normalised_overlap
 
 FORMAT = "seqlora.bank"
 FORMAT_VERSION = "1"

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .targets import PRESETS
+from ..method.targets import PRESETS
 
 SAMPLES = 64
 

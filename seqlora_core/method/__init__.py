@@ -1,0 +1,3 @@
+"""The method (DESIGN §3): null-space projector, LoRA hooks, the bilevel step and the training loop.
+
+Read in this order: ``projector`` → ``lora`` → ``bilevel`` → ``trainer``; ``targets`` chooses the adapted layers."""

@@ -1,0 +1,37 @@
+"""The standalone SeqLoRA app: the tab of ``tab.py`` on the diffusers host, for people without a
+host UI (``python -m seqlora_ui``). A1111 builds the same tab over its own model instead."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .tab import TabSession, build_tab
+
+
+def serve(base: str, bank: str, port: int, device: str = "auto", steps: int = 25) -> None:
+    """The tab on the diffusers host, served on 127.0.0.1 only."""
+    from seqlora_core.hosts.diffusers_host import DiffusersHost
+    from seqlora_core.sampling.generate import generate
+
+    def factory():
+        return DiffusersHost.load(base, device)
+
+    resolution = 64 if base == "tiny" else 512
+
+    def sample(host, bank, prompt, ids, strengths):
+        return generate(host, bank, prompt, ids, strengths, steps=steps if base != "tiny" else 4, resolution=resolution)
+
+    session = TabSession(factory, Path(bank), resolution=resolution, sample=sample,
+                         export_dir=Path(bank).resolve().parent / "exports")
+    tab = build_tab(session)
+    tab.queue().launch(server_name="127.0.0.1", server_port=port, show_error=True, prevent_thread_lock=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m seqlora_ui", description="Serve the SeqLoRA tab (gradio) on 127.0.0.1.")
+    p.add_argument("--base", default="tiny", help="tiny | sd15-random | PATH")
+    p.add_argument("--bank", default="out/ui/bank.safetensors")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    serve(args.base, args.bank, args.port, args.device)
