@@ -38,9 +38,6 @@ class A1111Host:
     def linear_layers(self) -> dict[str, nn.Linear]:
         return self._layers
 
-    def token_width(self) -> int:
-        return self.text_encoder.config.hidden_size
-
     def _table(self) -> Tensor:
         embed = self.text_encoder.get_input_embeddings()
         return getattr(embed, "wrapped", embed).weight

@@ -41,7 +41,7 @@ def main() -> None:
     res = args.resolution or (512 if args.device == "cuda" else 256)
     torch.manual_seed(0)
     host = DiffusersHost.load(args.base, args.device)
-    d = host.token_width()
+    d = host.text_encoder.config.hidden_size
     g = torch.Generator().manual_seed(0)
     latent = torch.randn(2, 4, res // 8, res // 8, generator=g).to(host.device, host.dtype)
     cond = torch.randn(2, 77, d, generator=g).to(host.device, host.dtype)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from seqlora_core.hosts.protocol import math_attention
 from seqlora_core.hosts.naming import compvis_layers
+from seqlora_core.hosts.token_injection import mean_piece_embedding
 
 from .concept_tokenizer import ConceptTokenizer
 
@@ -107,14 +108,9 @@ class ComfyHost:
     def _input_embeddings(self) -> nn.Module:
         return self.text.clip_l.transformer.get_input_embeddings()
 
-    def token_width(self) -> int:
-        return self._input_embeddings().weight.shape[1]
-
     def init_embedding(self, word: str) -> Tensor:
         sd_tok = self.clip.tokenizer.clip_l if hasattr(self.clip.tokenizer, "clip_l") else self.clip.tokenizer
-        ids = sd_tok.tokenizer(word)["input_ids"][1:-1] or [sd_tok.tokenizer(",")["input_ids"][1]]
-        table = self._input_embeddings().weight
-        return table[ids].detach().float().mean(dim=0, keepdim=True).cpu()
+        return mean_piece_embedding(self._input_embeddings().weight, sd_tok.tokenizer(word)["input_ids"][1:-1])
 
     def encode_text(self, prompts: list[str], embeddings: dict[str, Tensor]) -> Tensor:
         tokenizer = ConceptTokenizer(self.clip.tokenizer, embeddings)

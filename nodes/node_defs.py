@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from seqlora_core.settings import METHODS
-from seqlora_core.method.trainer import TrainSettings
+import inspect
+
+from seqlora_core.settings import TRAINING_SETTINGS, Setting, train_settings
 
 from . import operations
 
@@ -31,6 +32,24 @@ def _register_routes() -> None:
 
 
 _register_routes()
+
+
+def _setting_input(setting: Setting):
+    """The node input of one training setting (seqlora_core.settings); advanced ones folded where
+    this ComfyUI's node API supports it."""
+    kw = {"default": setting.default, "tooltip": f"{setting.title}: {setting.help}"}
+    if setting.choices is not None:
+        cls, kw["options"] = io.Combo.Input, list(setting.choices)
+    elif setting.kind is str:
+        cls = io.String.Input
+    else:
+        cls = io.Int.Input if setting.kind is int else io.Float.Input
+        kw.update({k: v for k, v in (("min", setting.min), ("max", setting.max), ("step", setting.step)) if v is not None})
+        if setting.name == "seed":
+            kw["control_after_generate"] = False
+    if "advanced" in inspect.signature(cls.__init__).parameters:
+        kw["advanced"] = setting.advanced
+    return cls(setting.name, **kw)
 
 
 def _bank_ui(bank, text: str) -> dict:
@@ -60,17 +79,7 @@ class TrainConcept(io.ComfyNode):
                 io.String.Input("token", default="<my-concept>", tooltip="the word to use in prompts, e.g. <chelsea>"),
                 io.String.Input("init_word", default="object", tooltip="a word close to the concept (cat, mug, person)"),
                 BasisBank.Input("bank", optional=True, tooltip="bank to extend; none starts a new one for this model"),
-                io.Combo.Input("method", options=list(METHODS), default="seqlora"),
-                io.Int.Input("rank", default=4, min=1, max=64),
-                io.Int.Input("steps", default=200, min=1, max=100000, tooltip="minibatches; each runs K bilevel iterations"),
-                io.Int.Input("bilevel_iterations", default=3, min=1, max=20, tooltip="K"),
-                io.Int.Input("inner_steps", default=2, min=1, max=10, tooltip="T"),
-                io.Float.Input("eps", default=1e-8, min=0.0, max=1e-2, step=1e-9, tooltip="projector regularisation (new banks)"),
-                io.Int.Input("resolution", default=512, min=64, max=1024, step=64),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False),
-                io.Float.Input("lr_a", default=1e-4, min=0.0, max=1.0, step=1e-5),
-                io.Float.Input("lr_b", default=1e-4, min=0.0, max=1.0, step=1e-5),
-                io.Float.Input("lr_embedding", default=5e-3, min=0.0, max=1.0, step=1e-4),
+                *(_setting_input(s) for s in TRAINING_SETTINGS),
             ],
             outputs=[BasisBank.Output(display_name="bank"), io.Model.Output(display_name="model"),
                      io.Clip.Output(display_name="clip"), io.Image.Output(display_name="loss_curve")],
@@ -78,23 +87,18 @@ class TrainConcept(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, images, token, init_word, method, rank, steps, bilevel_iterations,
-                inner_steps, eps, resolution, seed, lr_a, lr_b, lr_embedding, bank=None):
+    def execute(cls, model, clip, vae, images, token, init_word, bank=None, **setting_values):
         import comfy.utils
 
-        settings = TrainSettings(method=method, rank=rank, steps=steps, bilevel_iters=bilevel_iterations,
-                                 inner_steps=inner_steps, eps=eps, resolution=resolution, seed=seed,
-                                 lr_a=lr_a, lr_b=lr_b, lr_embedding=lr_embedding)
-        bar = comfy.utils.ProgressBar(steps)
+        settings = train_settings(setting_values)
+        bar = comfy.utils.ProgressBar(settings.steps)
         node = cls.hidden.unique_id if cls.hidden else None
-        losses: list[float] = []
 
         def progress(step, total, loss):
             bar.update_absolute(step, total)
-            losses.append(loss)
             _send("seqlora.progress", {"node": node, "step": step, "total": total, "loss": loss})
 
-        new_bank, new_model, new_clip, curve, _ = operations.train(model, clip, vae, images, token, init_word, bank,
+        new_bank, new_model, new_clip, curve = operations.train(model, clip, vae, images, token, init_word, bank,
                                                                settings, progress)
         _send("seqlora.bank", {"node": node, **operations.panel_data(new_bank)})
         return io.NodeOutput(new_bank, new_model, new_clip, curve)
@@ -168,7 +172,7 @@ class ComposeConcepts(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, bank, concepts):
-        ids, strengths = operations.parse_selection(concepts, bank)
+        ids, strengths = bank.parse_selection(concepts)
         new_model, new_clip = operations.compose(model, clip, bank, ids, strengths)
         return io.NodeOutput(new_model, new_clip)
 

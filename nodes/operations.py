@@ -115,44 +115,24 @@ def bank_tokens() -> dict[str, list[str]]:
 
 
 def info_text(bank: Bank) -> str:
-    rows = bank.layer_table()
+    summary = bank.summary()
     lines = [f"{len(bank.concepts)} concept(s), base {bank.base.get('architecture')} "
              f"(fingerprint {bank.base.get('fingerprint')})"]
-    for c in bank.concepts:
-        loss = f"{c.final_loss:.4f}" if isinstance(c.final_loss, (int, float)) else "-"
-        lines.append(f"  {c.token}  rank {c.rank}  {c.method}  loss {loss}")
-    if rows:
-        fullest = min(rows, key=lambda r: r["capacity"] - r["used"])
-        lines.append(f"{len(rows)} layers; fullest {fullest['name']} holds {fullest['used']}/{fullest['capacity']}")
-    lines.append(f"max orthogonality error {bank.max_orthogonality_error():.2e}")
+    for c in summary["concepts"]:
+        loss = f"{c['final_loss']:.4f}" if isinstance(c["final_loss"], (int, float)) else "-"
+        lines.append(f"  {c['token']}  rank {c['rank']}  {c['method']}  loss {loss}")
+    if summary["fullest"]:
+        f = summary["fullest"]
+        lines.append(f"{len(summary['layers'])} layers; fullest {f['name']} holds {f['used']}/{f['capacity']}")
+    lines.append(f"max orthogonality error {summary['max_orthogonality_error']:.2e}")
     return "\n".join(lines)
 
 
 def panel_data(bank: Bank) -> dict:
     """What the js bank panel draws: concepts and capacity per layer width."""
-    return {"concepts": [{"id": c.id, "token": c.token, "method": c.method, "rank": c.rank} for c in bank.concepts],
-            "widths": bank.width_summary(),
-            "orthogonality": bank.max_orthogonality_error()}
-
-
-# -- compose -------------------------------------------------------------------------------------
-def parse_selection(text: str, bank: Bank) -> tuple[list[str], dict[str, float]]:
-    """'chelsea:0.8, coffee' → ids and strengths; '' or 'all' → every concept at 1.0."""
-    text = text.strip()
-    if text in ("", "all", "*"):
-        return [c.id for c in bank.concepts], {}
-    ids, strengths = [], {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        ident, _, value = item.partition(":")
-        ident = ident.strip().strip("<>").lower()
-        bank.get(ident)
-        ids.append(ident)
-        if value.strip():
-            try:
-                strengths[ident] = float(value)
-            except ValueError:
-                raise InputError(f"Strength in '{item}' is not a number.") from None
-    return ids, strengths
+    summary = bank.summary()
+    return {"concepts": [{k: c[k] for k in ("id", "token", "method", "rank")} for c in summary["concepts"]],
+            "widths": summary["widths"], "orthogonality": summary["max_orthogonality_error"]}
 
 
 def compose(model, clip, bank: Bank, ids: list[str], strengths: dict[str, float]):
@@ -201,4 +181,4 @@ def train(model, clip, vae, image, token: str, init_word: str, bank: Bank | None
                                should_stop=lambda: mm.throw_exception_if_processing_interrupted() or False)
     new_model, new_clip = compose(model, clip, result.bank, [c.id for c in result.bank.concepts], {})
     curve = torch.from_numpy(loss_curve_image(result.losses).astype(np.float32) / 255.0).unsqueeze(0)
-    return result.bank, new_model, new_clip, curve, result.losses
+    return result.bank, new_model, new_clip, curve

@@ -1,8 +1,111 @@
-"""Names every layer of SeqLoRA agrees on, with no dependencies: the training methods.
+"""Every training setting, defined once: name, type, default, range, help and the paper's symbol.
 
-A leaf module so that storage (``bank``), the optimiser (``method``) and every front end can
-share one list without importing each other.
+The command line (``app/cli.py``), the ComfyUI node (``nodes/node_defs.py``) and the gradio tab
+(``seqlora_ui/tab.py``) are generated from :data:`TRAINING_SETTINGS`, and :class:`TrainSettings`
+is built from it, so a new knob is added here once and appears on every surface with the same
+name, default and limits. A leaf module (no torch; only ``errors`` imported) so that storage,
+the optimiser and every front end can share it without importing each other.
 """
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InputError
+
 METHODS = ("seqlora", "alternating", "frozen-basis", "lora")
 # Methods whose bases B stay orthogonal to earlier concepts' (``lora`` is the unconstrained baseline).
 CONSTRAINED_METHODS = ("seqlora", "alternating", "frozen-basis")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One training knob as every surface shows it."""
+    name: str  # TrainSettings field, node input and widget name; the CLI flag is --name-with-dashes
+    kind: type  # int, float or str
+    default: Any
+    label: str
+    help: str
+    symbol: str = ""  # the paper's symbol (DESIGN.md §3), shown beside the label
+    choices: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None  # widget increment (ComfyUI, gradio)
+    advanced: bool = False  # folded away where the host allows
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def title(self) -> str:
+        return f"{self.label} ({self.symbol})" if self.symbol else self.label
+
+    def coerce(self, value: Any) -> Any:
+        """``value`` as this setting's type, checked against its choices and range (one sentence)."""
+        try:
+            if self.kind is int:
+                out = int(value) if float(value) == int(float(value)) else None
+                if out is None:
+                    raise ValueError
+            else:
+                out = self.kind(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{self.label} must be {'a whole number' if self.kind is int else 'a number' if self.kind is float else 'text'}, "
+                             f"not {value!r}.") from None
+        if self.choices is not None and out not in self.choices:
+            raise InputError(f"{self.label} must be one of {', '.join(self.choices)}, not {out!r}.")
+        if (self.min is not None and out < self.min) or (self.max is not None and out > self.max):
+            raise InputError(f"{self.label} must be between {self.min:g} and {self.max:g}, not {out:g}.")
+        return out
+
+
+TRAINING_SETTINGS: tuple[Setting, ...] = (
+    Setting("method", str, "seqlora", "Method",
+            "seqlora: bilevel training of both factors with the cross-Hessian term; alternating: the same "
+            "without it (faster); frozen-basis: a random fixed basis (Orthogonal Adaptation); lora: "
+            "unconstrained, for comparison only", choices=METHODS),
+    Setting("rank", int, 4, "Rank", "columns of A and B per layer; a layer of width m holds m / r concepts",
+            symbol="r", min=1, max=64),
+    Setting("steps", int, 200, "Steps", "minibatches; each runs K bilevel iterations on fixed images, noise and timesteps",
+            min=1, max=100000),
+    Setting("bilevel_iters", int, 3, "Bilevel iterations", "bilevel iterations per minibatch", symbol="K", min=1, max=20),
+    Setting("inner_steps", int, 2, "Inner steps", "inner A steps kept differentiable in B per iteration",
+            symbol="T", min=1, max=10),
+    Setting("resolution", int, 512, "Resolution", "training size in pixels (square; 64 on the tiny test model)",
+            min=64, max=1024, step=64),
+    Setting("lr_a", float, 1e-4, "Learning rate A", "step size of the output factors A", symbol="α",
+            min=0.0, max=1.0, step=1e-5),
+    Setting("lr_b", float, 1e-4, "Learning rate B", "step size of the projected basis step", symbol="β",
+            min=0.0, max=1.0, step=1e-5),
+    Setting("lr_embedding", float, 5e-3, "Learning rate embedding", "step size of the concept token's embedding",
+            min=0.0, max=1.0, step=1e-4),
+    Setting("seed", int, 0, "Seed", "draws of images, noise, timesteps and the initial basis", min=0, max=2**32 - 1),
+    Setting("batch_size", int, 1, "Batch size", "images per minibatch", min=1, max=64, advanced=True),
+    Setting("optimizer", str, "adam", "Optimizer", "adam, or sgd for the paper's plain gradient steps",
+            choices=("adam", "sgd"), advanced=True),
+    Setting("hypergradient", str, "paper", "Hypergradient",
+            "paper: the cross-Hessian term of the first inner step (DESIGN §3); unrolled: back-propagate "
+            "through all T inner steps", choices=("paper", "unrolled"), advanced=True),
+    Setting("targets", str, "default", "Target layers",
+            "default | full | comma-separated regular expressions over layer names", advanced=True),
+    Setting("eps", float, 1e-8, "Projector ε", "regularisation of the null-space projector (used by new banks only)",
+            symbol="ε", min=0.0, max=1e-2, step=1e-9, advanced=True),
+)
+SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in TRAINING_SETTINGS}
+
+TrainSettings = dataclasses.make_dataclass(
+    "TrainSettings", [(s.name, s.kind, dataclasses.field(default=s.default)) for s in TRAINING_SETTINGS],
+    namespace={"__doc__": "The settings of one concept's training (fields: :data:`TRAINING_SETTINGS`).",
+               "__module__": __name__})
+
+
+def train_settings(values: Mapping[str, Any]) -> TrainSettings:
+    """Settings from any surface's values: missing or None → default; each checked (one sentence)."""
+    unknown = set(values) - set(SETTINGS_BY_NAME)
+    if unknown:
+        raise InputError(f"Unknown training setting(s): {', '.join(sorted(unknown))}.")
+    return TrainSettings(**{s.name: s.default if values.get(s.name) is None else s.coerce(values[s.name])
+                            for s in TRAINING_SETTINGS})

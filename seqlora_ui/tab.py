@@ -18,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from seqlora_core.bank.format import Bank, load_bank, parse_strengths
-from seqlora_core.settings import METHODS
+from seqlora_core.bank.format import Bank, load_bank
+from seqlora_core.settings import SETTINGS_BY_NAME, TRAINING_SETTINGS, Setting, train_settings
 from seqlora_core.errors import InputError, SeqLoRAError
 from seqlora_core.app.plot import loss_curve_image
+from seqlora_core.app.images import load_images
+from seqlora_core.bank.export import export_lora
+from seqlora_core.method.trainer import train_concept
 
 
 def _path(f) -> str:
@@ -60,9 +63,10 @@ def bank_rows(bank: Bank | None) -> list[list]:
 def capacity_html(bank: Bank | None) -> str:
     if bank is None or not bank.concepts:
         return "<div class='seqlora-capacity'>No concepts yet.</div>"
+    summary = bank.summary()
     parts = [f"<div class='seqlora-capacity'><b>{len(bank.concepts)} concept(s)</b>, max orthogonality error "
-             f"{bank.max_orthogonality_error():.1e}"]
-    for w in bank.width_summary():
+             f"{summary['max_orthogonality_error']:.1e}"]
+    for w in summary["widths"]:
         used, cap = w["used"], w["capacity"]
         pct = 100 * used / max(cap, 1)
         parts.append(f"<div>{w['layers']} layer(s) of width {w['width']}: {used} / {cap} concepts"
@@ -73,38 +77,68 @@ def capacity_html(bank: Bank | None) -> str:
     return "".join(parts)
 
 
+def setting_input(gr, setting: Setting, default=None):
+    """The gradio widget of one training setting (seqlora_core.settings), elem_id seqlora_<name>."""
+    value = setting.default if default is None else default
+    common = {"label": setting.title, "elem_id": f"seqlora_{setting.name}", "info": setting.help}
+    if setting.choices is not None:
+        return gr.Dropdown(choices=list(setting.choices), value=value, **common)
+    if setting.kind is str:
+        return gr.Textbox(value=value, **common)
+    return gr.Number(value=value, precision=0 if setting.kind is int else None, **common)
+
+
+def setting_inputs(gr, resolution: int) -> list:
+    """Every training setting as a widget, in TRAINING_SETTINGS order; advanced ones folded away.
+
+    ``resolution`` is the host's default training size (64 on the tiny test model)."""
+    defaults = {"resolution": resolution}
+    widgets = {}
+    for advanced in (False, True):
+        group = gr.Accordion("Advanced settings", open=False) if advanced else contextlib.nullcontext()
+        with group:
+            for s in TRAINING_SETTINGS:
+                if s.advanced == advanced:
+                    widgets[s.name] = setting_input(gr, s, defaults.get(s.name))
+    return [widgets[s.name] for s in TRAINING_SETTINGS]
+
+
 def _error(exc: Exception) -> str:
     return f"<span class='seqlora-error' style='color:#c33'>⚠ {html.escape(str(exc))}</span>"
 
 
-def build_tab(session: TabSession):
-    """The tab as a gr.Blocks (caller launches it or hands it to its host)."""
+def _gradio():
     import gradio as gr
 
-    from seqlora_core.bank.export import export_lora
-    from seqlora_core.app.images import load_images
-    from seqlora_core.method.trainer import TrainSettings, train_concept
+    return gr
 
-    def refresh():
+
+class TabActions:
+    """What the tab's buttons do, on one :class:`TabSession` (each method is one click handler)."""
+
+    def __init__(self, session: TabSession):
+        self.session = session
+
+    def refresh(self):
+        """The Bank and Compose listings: concept rows, capacity, the two concept pickers."""
+        update = _gradio().update
         try:
-            bank = session.bank()
+            bank = self.session.bank()
         except SeqLoRAError as exc:
-            return [], _error(exc), gr.update(choices=[]), gr.update(choices=[])
+            return [], _error(exc), update(choices=[]), update(choices=[])
         ids = [c.id for c in bank.concepts] if bank else []
-        return bank_rows(bank), capacity_html(bank), gr.update(choices=ids, value=None), gr.update(choices=ids, value=ids)
+        return bank_rows(bank), capacity_html(bank), update(choices=ids, value=None), update(choices=ids, value=ids)
 
-    def train(files, token, init_word, method, rank, steps, iters, inner, lr, seed):
+    def train(self, files, token, init_word, *setting_values):
         """A generator: the page gets the loss curve live while a worker thread trains."""
         status = ""
         try:
             if not files:
                 raise InputError("Upload at least one reference image.")
-            pixels = load_images([_path(f) for f in files], session.resolution)
-            host = session.host()
-            bank = session.bank()
-            settings = TrainSettings(method=method, rank=int(rank), steps=int(steps), bilevel_iters=int(iters),
-                                     inner_steps=int(inner), lr_a=float(lr), lr_b=float(lr), seed=int(seed),
-                                     resolution=session.resolution)
+            settings = train_settings(dict(zip(SETTINGS_BY_NAME, setting_values)))
+            pixels = load_images([_path(f) for f in files], settings.resolution)
+            host = self.session.host()
+            bank = self.session.bank()
         except SeqLoRAError as exc:
             yield _error(exc), None, None
             return
@@ -113,15 +147,15 @@ def build_tab(session: TabSession):
 
         def progress(step, total, loss):
             events.put(("step", step, total, loss))
-            if session.on_progress is not None:
-                session.on_progress(step, total, loss)
+            if self.session.on_progress is not None:
+                self.session.on_progress(step, total, loss)
 
         def work():
             try:
-                with session.job():
+                with self.session.job():
                     result = train_concept(host, bank, pixels, token, init_word, settings, progress=progress,
-                                           should_stop=session.should_stop)
-                result.bank.save(session.bank_path)
+                                           should_stop=self.session.should_stop)
+                result.bank.save(self.session.bank_path)
                 events.put(("done", result))
             except Exception as exc:  # shown in the page; the bank file is untouched
                 events.put(("error", exc))
@@ -140,69 +174,75 @@ def build_tab(session: TabSession):
             else:
                 result = payload[0]
                 sample = None
-                if session.sample is not None:
+                if self.session.sample is not None:
                     try:
-                        sample = np.asarray(session.sample(host, result.bank, f"a photo of {result.concept.token}",
+                        sample = np.asarray(self.session.sample(host, result.bank, f"a photo of {result.concept.token}",
                                                            [result.concept.id], {}))
                     except SeqLoRAError as exc:
                         status = _error(exc)
                 status = status or (f"<span class='seqlora-ok'>trained {html.escape(result.concept.token)} in "
                                     f"{result.seconds:.0f} s, final loss {result.concept.final_loss:.4f}; "
-                                    f"bank {html.escape(session.bank_path.name)} now holds "
+                                    f"bank {html.escape(self.session.bank_path.name)} now holds "
                                     f"{len(result.bank.concepts)} concept(s)</span>")
                 yield status, loss_curve_image(losses), sample
                 return
 
-    def open_bank(path_text, upload):
+    def open_bank(self, path_text, upload):
         try:
             if upload is not None:
                 load_bank(_path(upload))  # validate before adopting it
-                session.bank_path = Path(_path(upload))
+                self.session.bank_path = Path(_path(upload))
             elif path_text:
-                session.bank_path = Path(path_text).expanduser()
-                if session.bank_path.exists():
-                    load_bank(session.bank_path)
-            msg = f"bank: {html.escape(str(session.bank_path))}"
+                self.session.bank_path = Path(path_text).expanduser()
+                if self.session.bank_path.exists():
+                    load_bank(self.session.bank_path)
+            msg = f"bank: {html.escape(str(self.session.bank_path))}"
         except SeqLoRAError as exc:
             msg = _error(exc)
-        return (msg, *refresh())
+        return (msg, *self.refresh())
 
-    def remove(ident):
+    def remove(self, ident):
         try:
-            bank = session.bank()
+            bank = self.session.bank()
             if bank is None or not ident:
                 raise InputError("Choose a concept to remove.")
-            bank.without(ident).save(session.bank_path)
+            bank.without(ident).save(self.session.bank_path)
             msg = f"removed {html.escape(ident)}"
         except SeqLoRAError as exc:
             msg = _error(exc)
-        return (msg, *refresh())
+        return (msg, *self.refresh())
 
-    def compose(ids, strengths_text, prompt):
+    def compose(self, ids, strengths_text, prompt):
         try:
-            bank = session.bank()
+            bank = self.session.bank()
             if bank is None or not ids:
                 raise InputError("Choose at least one concept.")
-            strengths = parse_strengths([p.strip() for p in (strengths_text or "").split(",") if p.strip()])
-            if session.sample is None:
+            strengths = bank.parse_selection(strengths_text)[1] if (strengths_text or "").strip() else {}
+            if self.session.sample is None:
                 raise InputError("This host has no preview sampler; export the LoRA instead.")
-            image = session.sample(session.host(), bank, prompt, list(ids), strengths)
+            image = self.session.sample(self.session.host(), bank, prompt, list(ids), strengths)
             return "", np.asarray(image)
         except SeqLoRAError as exc:
             return _error(exc), None
 
-    def export(ids):
+    def export(self, ids):
         try:
-            bank = session.bank()
+            bank = self.session.bank()
             if bank is None or not ids:
                 raise InputError("Choose at least one concept to export.")
-            out = session.export_dir / f"seqlora_{'_'.join(ids)}.safetensors"
+            out = self.session.export_dir / f"seqlora_{'_'.join(ids)}.safetensors"
             lora, embeddings = export_lora(bank, list(ids), out)
             return f"<span class='seqlora-ok'>exported {html.escape(lora.name)} and {len(embeddings)} embedding(s)</span>", \
                 [str(lora)] + [str(e) for e in embeddings]
         except SeqLoRAError as exc:
             return _error(exc), None
 
+
+def build_tab(session: TabSession):
+    """The tab as a gr.Blocks (caller launches it or hands it to its host): layout and wiring."""
+    import gradio as gr
+
+    actions = TabActions(session)
     with gr.Blocks(analytics_enabled=False, title="SeqLoRA") as tab:
         gr.Markdown("## SeqLoRA — teach concepts one after another, compose any of them")
         with gr.Tab("Train"):
@@ -211,15 +251,7 @@ def build_tab(session: TabSession):
                     files = gr.File(label="Reference images", file_count="multiple", elem_id="seqlora_images")
                     token = gr.Textbox(label="Token", value="<my-concept>", elem_id="seqlora_token")
                     init_word = gr.Textbox(label="Init word", value="object", elem_id="seqlora_init_word")
-                    method = gr.Dropdown(label="Method", choices=list(METHODS), value="seqlora")
-                    with gr.Row():
-                        rank = gr.Number(label="Rank", value=4, precision=0)
-                        steps = gr.Number(label="Steps", value=200, precision=0, elem_id="seqlora_steps")
-                        iters = gr.Number(label="Bilevel iterations (K)", value=3, precision=0, elem_id="seqlora_iters")
-                        inner = gr.Number(label="Inner steps (T)", value=2, precision=0)
-                    with gr.Row():
-                        lr = gr.Number(label="Learning rate", value=1e-4, elem_id="seqlora_lr")
-                        seed = gr.Number(label="Seed", value=0, precision=0)
+                    setting_widgets = setting_inputs(gr, session.resolution)
                     train_btn = gr.Button("Train", variant="primary", elem_id="seqlora_train")
                 with gr.Column():
                     train_status = gr.HTML(elem_id="seqlora_train_status")
@@ -240,7 +272,7 @@ def build_tab(session: TabSession):
                 refresh_btn = gr.Button("Refresh", elem_id="seqlora_refresh")
         with gr.Tab("Compose"):
             compose_ids = gr.CheckboxGroup(label="Concepts", choices=[], elem_id="seqlora_compose_ids")
-            strengths = gr.Textbox(label="Strengths (id=0.8, …; default 1)", value="")
+            strengths = gr.Textbox(label="Strengths (id:0.8, …; default 1)", value="")
             prompt = gr.Textbox(label="Prompt", value="a photo of <my-concept>")
             with gr.Row():
                 preview_btn = gr.Button("Generate preview")
@@ -250,12 +282,12 @@ def build_tab(session: TabSession):
             exported = gr.File(label="Exported files", file_count="multiple", interactive=False)
 
         listing = [concepts, capacity, remove_id, compose_ids]
-        train_btn.click(train, [files, token, init_word, method, rank, steps, iters, inner, lr, seed],
-                        [train_status, curve, sample]).then(refresh, None, listing)
-        open_btn.click(open_bank, [bank_path, upload], [bank_status, *listing])
-        remove_btn.click(remove, [remove_id], [bank_status, *listing])
-        refresh_btn.click(refresh, None, listing)
-        preview_btn.click(compose, [compose_ids, strengths, prompt], [compose_status, preview])
-        export_btn.click(export, [compose_ids], [compose_status, exported])
-        tab.load(refresh, None, listing)
+        train_btn.click(actions.train, [files, token, init_word, *setting_widgets],
+                        [train_status, curve, sample]).then(actions.refresh, None, listing)
+        open_btn.click(actions.open_bank, [bank_path, upload], [bank_status, *listing])
+        remove_btn.click(actions.remove, [remove_id], [bank_status, *listing])
+        refresh_btn.click(actions.refresh, None, listing)
+        preview_btn.click(actions.compose, [compose_ids, strengths, prompt], [compose_status, preview])
+        export_btn.click(actions.export, [compose_ids], [compose_status, exported])
+        tab.load(actions.refresh, None, listing)
     return tab

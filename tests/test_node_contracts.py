@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nodes.operations import info_text, panel_data, parse_selection
+from nodes.operations import info_text, panel_data
 from nodes.concept_tokenizer import PREFIX, ConceptTokenizer
 from seqlora_core.errors import InputError
 
@@ -58,12 +58,12 @@ def test_wrapping_twice_merges_concepts():
 
 def test_selection_parsing(stream_bank):
     ids = [c.id for c in stream_bank.concepts]
-    assert parse_selection("all", stream_bank) == (ids, {})
-    assert parse_selection(f"<{ids[0]}>:0.5, {ids[1]}", stream_bank) == ([ids[0], ids[1]], {ids[0]: 0.5})
+    assert stream_bank.parse_selection("all") == (ids, {})
+    assert stream_bank.parse_selection(f"<{ids[0]}>:0.5, {ids[1]}") == ([ids[0], ids[1]], {ids[0]: 0.5})
     with pytest.raises(InputError):
-        parse_selection("nobody", stream_bank)
+        stream_bank.parse_selection("nobody")
     with pytest.raises(InputError):
-        parse_selection(f"{ids[0]}:lots", stream_bank)
+        stream_bank.parse_selection(f"{ids[0]}:lots")
 
 
 def test_panel_data_and_info(stream_bank):

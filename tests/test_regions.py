@@ -46,7 +46,7 @@ def _run(attn, hidden, ctx, state=None):
 
 def test_region_isolation_is_exact(host, attn2):
     g = torch.Generator().manual_seed(0)
-    d = host.token_width()
+    d = host.text_encoder.config.hidden_size
     hidden = torch.randn(1, 64, attn2.to_q.in_features, generator=g)  # an 8×8 latent grid
     glob, c1, c2, c2b = (torch.randn(1, 77, d, generator=g) for _ in range(4))
     # region 1: left quarter; region 2: right quarter; the middle belongs to no region
@@ -67,7 +67,7 @@ def test_region_isolation_is_exact(host, attn2):
 
 def test_unconditional_rows_stay_global(host, attn2):
     g = torch.Generator().manual_seed(1)
-    d = host.token_width()
+    d = host.text_encoder.config.hidden_size
     hidden = torch.randn(2, 64, attn2.to_q.in_features, generator=g)
     ctx = torch.randn(2, 77, d, generator=g)
     st = RegionalState(masks=region_masks([Region("r", box=(0, 0, 64, 64))], 64, 64),
@@ -98,7 +98,7 @@ def _adapter(in_channels):
 def _eps(host, controls):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 4, 8, 8, generator=g)
-    cond = torch.randn(1, 77, host.token_width(), generator=g)
+    cond = torch.randn(1, 77, host.text_encoder.config.hidden_size, generator=g)
     t = torch.tensor([500])
     with torch.no_grad():
         return host.predict_noise(x, t, cond, **unet_control_kwargs(controls, x, t, cond))

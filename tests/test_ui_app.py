@@ -83,7 +83,8 @@ def test_upload_train_list_export(ui_server, photos):
         page.wait_for_timeout(2000)
         _field(page, "seqlora_token").fill("<chelsea>")
         _field(page, "seqlora_init_word").fill("cat")
-        for elem_id, value in (("seqlora_steps", "2"), ("seqlora_iters", "1"), ("seqlora_lr", "0.003")):
+        for elem_id, value in (("seqlora_steps", "2"), ("seqlora_bilevel_iters", "1"), ("seqlora_lr_a", "0.003"),
+                               ("seqlora_lr_b", "0.003")):
             _field(page, elem_id).fill(value)
             _field(page, elem_id).press("Tab")
         page.locator("#seqlora_train").click()

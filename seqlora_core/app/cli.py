@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..settings import METHODS
+from ..settings import TRAINING_SETTINGS, train_settings
 from ..errors import InputError, SeqLoRAError
 from ..sampling.regions import parse_region
 
@@ -46,30 +46,25 @@ def default_resolution(host) -> int:
 def cmd_train(args) -> None:
     from tqdm.auto import tqdm
 
-    from ..bank.format import load_bank, token_to_id
+    from ..bank.format import Bank, load_bank
     from ..bank.fingerprint import base_fingerprint
     from .images import load_images
-    from ..method.trainer import TrainSettings, new_bank, train_concept
+    from ..method.trainer import new_bank, train_concept
 
     bank_path = Path(args.bank)
-    ident = token_to_id(args.token)
     bank = load_bank(bank_path) if bank_path.exists() else None
-    if bank is not None and any(c.id == ident for c in bank.concepts):
-        raise InputError(f"The bank already has a concept '{ident}'; choose another token.")
+    (bank or Bank({})).check_new_token(args.token)  # before the model loads
     host = _load_host(args)
     if bank is None:
-        bank = new_bank(host, args.eps)
+        bank = new_bank(host, train_settings({"eps": args.eps}).eps)
     else:
         bank.check_base(host.architecture(), base_fingerprint(host.linear_layers()), args.allow_other_base)
         if args.allow_other_base:
             bank.base["fingerprint"] = base_fingerprint(host.linear_layers())
-    resolution = args.resolution or default_resolution(host)
-    pixels = load_images(args.images, resolution)
-    settings = TrainSettings(
-        method=args.method, rank=args.rank, steps=args.steps, bilevel_iters=args.bilevel_iters,
-        inner_steps=args.inner_steps, eps=bank.eps, resolution=resolution, batch_size=args.batch_size,
-        seed=args.seed, optimizer=args.optimizer, lr_a=args.lr_a, lr_b=args.lr_b,
-        lr_embedding=args.lr_embedding, hypergradient=args.hypergradient, targets=args.targets)
+    given = {s.name: getattr(args, s.name) for s in TRAINING_SETTINGS}
+    settings = train_settings({**given, "eps": bank.eps,
+                               "resolution": args.resolution or default_resolution(host)})
+    pixels = load_images(args.images, settings.resolution)
     bars = []  # opened at the first finished step, so an input error prints no empty bar
 
     def progress(step, total, loss):
@@ -90,19 +85,10 @@ def cmd_train(args) -> None:
           f"max orthogonality error {orth:.2e}; bank {bank_path} now holds {len(result.bank.concepts)} concept(s)")
 
 
-def bank_summary(bank) -> dict:
-    return {"concepts": [{"id": c.id, "token": c.token, "rank": c.rank, "method": c.method,
-                          "init_word": c.init_word, "created": c.created, "final_loss": c.final_loss}
-                         for c in bank.concepts],
-            "layers": bank.layer_table(),
-            "max_orthogonality_error": bank.max_orthogonality_error(),
-            "base": bank.base, "eps": bank.eps}
-
-
 def cmd_bank_info(args) -> None:
     from ..bank.format import load_bank
 
-    summary = bank_summary(load_bank(args.file))
+    summary = load_bank(args.file).summary()
     if args.json:
         print(json.dumps(summary))
         return
@@ -111,17 +97,13 @@ def cmd_bank_info(args) -> None:
     for c in summary["concepts"]:
         loss = f"{c['final_loss']:.4f}" if isinstance(c["final_loss"], (int, float)) else "-"
         print(f"  {c['id']:<20} {c['token']:<22} rank {c['rank']}  {c['method']:<13} loss {loss}  {c['created']}")
-    layers = summary["layers"]
-    if layers:
-        fullest = min(layers, key=lambda r: r["capacity"] - r["used"])
-        print(f"{len(layers)} adapted layer(s); the fullest, {fullest['name']} "
+    fullest = summary["fullest"]
+    if fullest:
+        print(f"{len(summary['layers'])} adapted layer(s); the fullest, {fullest['name']} "
               f"({fullest['in_features']} wide), holds {fullest['used']} of {fullest['capacity']} concepts")
-        widths = {}
-        for r in layers:
-            widths.setdefault((r["in_features"], r["used"], r["capacity"]), []).append(r["name"])
-        for (m, used, cap), names in sorted(widths.items()):
-            bar = "#" * round(20 * used / max(cap, 1))
-            print(f"  {len(names):>4} layer(s) of width {m:<5} [{bar:<20}] {used}/{cap}")
+        for w in summary["widths"]:
+            bar = "#" * round(20 * w["used"] / max(w["capacity"], 1))
+            print(f"  {w['layers']:>4} layer(s) of width {w['width']:<5} [{bar:<20}] {w['used']}/{w['capacity']}")
     print(f"max orthogonality error: {summary['max_orthogonality_error']:.2e}")
 
 
@@ -143,15 +125,14 @@ def cmd_export(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from ..bank.format import parse_strengths
     from ..sampling.generate import generate
 
     host, bank = _host_bank(args, Path(args.bank))
-    strengths = parse_strengths(args.strength or [])
+    ids, strengths = bank.parse_selection(args.concepts)
     resolution = args.resolution or default_resolution(host)
     regions = [parse_region(r) for r in args.region or []]
     controls = load_controls(host, args, resolution)
-    image = generate(host, bank, args.prompt, _ids(args.concepts), strengths, args.negative, args.steps,
+    image = generate(host, bank, args.prompt, ids, strengths, args.negative, args.steps,
                      args.guidance, resolution, args.seed, regions, controls)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
@@ -206,38 +187,34 @@ def cmd_demo(args) -> None:
 
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m seqlora_core", description="SeqLoRA: continual multi-concept LoRA for SD-1.5.")
-    sub = p.add_subparsers(dest="command", required=True)
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per training setting (seqlora_core.settings); None means "not given": the default."""
+    for s in TRAINING_SETTINGS:
+        symbol = f" [{s.symbol}]" if s.symbol else ""
+        parser.add_argument(s.flag, type=s.kind, choices=s.choices, default=None, metavar=None if s.choices else s.name.upper(),
+                            help=f"{s.help}{symbol} (default {s.default})")
 
-    def host_args(sp, base_required=True):
-        sp.add_argument("--base", required=base_required, default="tiny", help="tiny | sd15-random | PATH (diffusers folder or .safetensors)")
-        sp.add_argument("--device", default="auto", help="auto | cpu | cuda")
-        sp.add_argument("--allow-other-base", action="store_true", help="use a bank made for another base model")
+
+def _host_args(sp: argparse.ArgumentParser, with_resolution: bool = True) -> None:
+    sp.add_argument("--base", required=True, help="tiny | sd15-random | PATH (diffusers folder or .safetensors)")
+    sp.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    sp.add_argument("--allow-other-base", action="store_true", help="use a bank made for another base model")
+    if with_resolution:  # train takes --resolution with the other training settings
         sp.add_argument("--resolution", type=int, default=None, help="pixels (default 512; 64 on tiny)")
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="append one concept to a bank (creates the bank if missing)")
     t.add_argument("--bank", required=True)
-    host_args(t)
+    _host_args(t, with_resolution=False)
     t.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
     t.add_argument("--token", required=True, help='e.g. "<astro>"')
     t.add_argument("--init-word", default="object")
-    t.add_argument("--method", choices=METHODS, default="seqlora")
-    t.add_argument("--rank", type=int, default=4)
-    t.add_argument("--steps", type=int, default=200, help="minibatches (each runs K bilevel iterations)")
-    t.add_argument("--bilevel-iters", type=int, default=3, help="K")
-    t.add_argument("--inner-steps", type=int, default=2, help="T")
-    t.add_argument("--eps", type=float, default=1e-8, help="projector regularisation (new banks)")
-    t.add_argument("--batch-size", type=int, default=1)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    t.add_argument("--lr-a", type=float, default=1e-4)
-    t.add_argument("--lr-b", type=float, default=1e-4)
-    t.add_argument("--lr-embedding", type=float, default=5e-3)
-    t.add_argument("--hypergradient", choices=("paper", "unrolled"), default="paper")
-    t.add_argument("--targets", default="default", help="default | full | comma-separated regexes")
+    add_setting_flags(t)
     t.set_defaults(func=cmd_train)
 
+
+def _add_bank(sub) -> None:
     b = sub.add_parser("bank", help="inspect or edit a bank")
     bsub = b.add_subparsers(dest="bank_command", required=True)
     bi = bsub.add_parser("info")
@@ -249,19 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--concept", required=True)
     br.set_defaults(func=cmd_bank_remove)
 
+
+def _add_export(sub) -> None:
     e = sub.add_parser("export", help="export concepts as one kohya-format LoRA + embeddings")
     e.add_argument("file")
     e.add_argument("--concepts", default=None, help="ID,ID,... (default: all)")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_export)
 
+
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="render a prompt with concepts composed")
     g.add_argument("--bank", required=True)
-    host_args(g)
+    _host_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative", default="")
-    g.add_argument("--concepts", default=None)
-    g.add_argument("--strength", action="append", help="ID=VALUE, repeatable")
+    g.add_argument("--concepts", default="all", help="all, or ID[:STRENGTH],… e.g. chelsea:0.8,coffee")
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=7.5)
     g.add_argument("--seed", type=int, default=0)
@@ -272,19 +252,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True)
     g.set_defaults(func=cmd_generate)
 
+
+def _add_eval(sub) -> None:
     v = sub.add_parser("eval", help="denoising loss per concept with fixed noise and timesteps")
     v.add_argument("file")
-    host_args(v)
+    _host_args(v)
     v.add_argument("--images", nargs="+", required=True, help="<token>=DIR ...")
     v.add_argument("--concepts", default=None, help="concepts applied (default: all)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_eval)
 
+
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="train a stream of concepts from real photos on tiny and report forgetting")
     d.add_argument("--out", default="out/demo")
     d.add_argument("--steps", type=int, default=30)
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m seqlora_core", description="SeqLoRA: continual multi-concept LoRA for SD-1.5.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_bank, _add_export, _add_generate, _add_eval, _add_demo):
+        add(sub)
     return p
 
 

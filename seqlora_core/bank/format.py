@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +29,7 @@ from .atomic import save_safetensors_atomic
 from ..settings import CONSTRAINED_METHODS, METHODS
 from ..errors import BankError, InputError
 from ..method.lora import Factors, compose_factors
-from ..method.projector import NullSpaceProjector, normalised_overlap
+from ..method.projector import NullSpaceProjector, block_overlaps, probably_orthogonal
 
 FORMAT = "seqlora.bank"
 FORMAT_VERSION = "1"
@@ -46,18 +47,6 @@ def token_to_id(token: str) -> str:
     if not ID_PATTERN.match(ident):
         raise InputError(f"Token '{token}' must look like <name> with name made of a-z, 0-9, _ or -.")
     return ident
-
-
-def parse_strengths(items: list[str]) -> dict[str, float]:
-    """['chelsea=0.8', …] → {'chelsea': 0.8}; one sentence for a malformed item."""
-    out = {}
-    for item in items:
-        ident, _, value = item.partition("=")
-        try:
-            out[ident.strip()] = float(value)
-        except ValueError:
-            raise InputError(f"Strength '{item}' should look like id=0.8.") from None
-    return out
 
 
 def now_iso() -> str:
@@ -93,6 +82,10 @@ class Bank:
     base: dict  # {"architecture": ..., "fingerprint": ...}
     eps: float = DEFAULT_EPS
     concepts: list[Concept] = field(default_factory=list)
+
+    def copy(self) -> "Bank":
+        """A Bank of its own (list and base dict) sharing the concepts' tensors."""
+        return Bank(dict(self.base), self.eps, list(self.concepts))
 
     # -- queries -----------------------------------------------------------------------------
     def get(self, ident: str) -> Concept:
@@ -134,10 +127,10 @@ class Bank:
                          "capacity": len(held) + (m - used_width) // rank, "free_width": m - used_width})
         return rows
 
-    def width_summary(self) -> list[dict]:
+    def width_summary(self, layers: list[dict] | None = None) -> list[dict]:
         """Per input width: how many layers, the most concepts any holds, the least any can hold."""
         widths: dict[int, dict] = {}
-        for r in self.layer_table():
+        for r in layers if layers is not None else self.layer_table():
             w = widths.setdefault(r["in_features"], {"width": r["in_features"], "layers": 0, "used": 0,
                                                      "capacity": r["capacity"]})
             w["layers"] += 1
@@ -146,15 +139,48 @@ class Bank:
         return sorted(widths.values(), key=lambda w: w["width"])
 
     def max_orthogonality_error(self, constrained_only: bool = True) -> float:
-        """Worst normalised overlap between two concepts' bases on any layer (by default among
-        the orthogonality-constrained concepts only, the ones the guarantee covers)."""
+        """Worst normalised overlap ‖B_jᵀB_i‖_F / (‖B_j‖_F ‖B_i‖_F) between two concepts' bases on
+        any layer (by default among the orthogonality-constrained concepts, the ones the guarantee
+        covers). One Gram matrix of the stacked bases per layer, not a loop over concept pairs."""
         worst = 0.0
         for name in self.layer_shapes():
             bases = [c.B[name] for c in self.concepts if (c.constrained or not constrained_only) and name in c.B]
-            for j in range(len(bases)):
-                for i in range(j + 1, len(bases)):
-                    worst = max(worst, normalised_overlap(bases[j], bases[i]))
+            if len(bases) > 1:
+                worst = max(worst, float(block_overlaps(bases).max()))
         return worst
+
+    def summary(self) -> dict:
+        """Everything every surface shows about a bank (CLI ``bank info``, the ComfyUI panel and
+        info text, the tab): concepts, per-layer and per-width capacity, the fullest layer, the
+        orthogonality error. JSON-ready."""
+        layers = self.layer_table()
+        return {"base": dict(self.base), "eps": self.eps, "rank": self.rank,
+                "concepts": [{"id": c.id, "token": c.token, "rank": c.rank, "method": c.method,
+                              "init_word": c.init_word, "created": c.created, "final_loss": c.final_loss}
+                             for c in self.concepts],
+                "layers": layers, "widths": self.width_summary(layers),
+                "fullest": min(layers, key=lambda r: r["capacity"] - r["used"]) if layers else None,
+                "max_orthogonality_error": self.max_orthogonality_error()}
+
+    def parse_selection(self, text: str) -> tuple[list[str], dict[str, float]]:
+        """The one concept-selection syntax of every surface: 'chelsea:0.8, <coffee>' → ids in the
+        order given and strengths (default 1.0); '', 'all' or '*' → every concept at 1.0. The same
+        ``ID:STRENGTH`` form as A1111's ``<seqlora:BANK:ID:STRENGTH>``."""
+        text = (text or "").strip()
+        if text in ("", "all", "*"):
+            return [c.id for c in self.concepts], {}
+        ids, strengths = [], {}
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            ident, _, value = item.partition(":")
+            ident = ident.strip().strip("<>").lower()
+            self.get(ident)
+            ids.append(ident)
+            if value.strip():
+                try:
+                    strengths[ident] = float(value)
+                except ValueError:
+                    raise InputError(f"Strength in '{item}' is not a number; write id:0.8.") from None
+        return ids, strengths
 
     def composed_factors(self, ids: list[str] | None = None,
                          strengths: dict[str, float] | None = None) -> dict[str, Factors]:
@@ -172,9 +198,15 @@ class Bank:
         return {c.token: c.embedding for c in self.select(ids)}
 
     # -- changes -----------------------------------------------------------------------------
+    def check_new_token(self, token: str) -> str:
+        """The id a new concept with ``token`` gets; refuses a token whose id the bank already has."""
+        ident = token_to_id(token)
+        if any(c.id == ident for c in self.concepts):
+            raise InputError(f"The bank already has a concept '{ident}'; choose another token.")
+        return ident
+
     def with_concept(self, concept: Concept) -> "Bank":
-        if any(c.id == concept.id for c in self.concepts):
-            raise InputError(f"The bank already has a concept '{concept.id}' (token {concept.token}).")
+        self.check_new_token(concept.id)
         return Bank(dict(self.base), self.eps, self.concepts + [concept])
 
     def without(self, ident: str) -> "Bank":
@@ -210,20 +242,42 @@ class Bank:
         save_safetensors_atomic(self.tensors(), path, self.metadata())
 
 
+_CACHE: "OrderedDict[tuple, Bank]" = OrderedDict()
+_CACHE_SIZE = 4  # banks can be hundreds of MiB; hosts reload the same one on every generation
+
+
+def _file_identity(path: Path) -> tuple:
+    """Changes whenever the file does: atomic saves rename a new inode into place."""
+    st = path.stat()
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def load_bank(path: str | os.PathLike) -> Bank:
-    """Read and validate a bank file; every defect becomes one BankError sentence."""
+    """Read and validate a bank file; every defect becomes one BankError sentence.
+
+    Validated banks are cached by file identity (path, inode, size, mtime), so a host that loads
+    the same bank for every generation pays once; callers get their own Bank object (the tensors
+    are shared and never modified in place)."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise BankError(f"Bank file {path} does not exist.")
+    key = _file_identity(path)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key].copy()
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise BankError(f"{path.name} is not a readable safetensors file ({type(exc).__name__}).") from None
-    return bank_from_parts(meta, tensors, path.name)
+    except Exception:  # safetensors raises several types for damaged files
+        raise BankError(f"{path.name} is not a readable safetensors file.") from None
+    bank = bank_from_parts(meta, tensors, path.name)
+    _CACHE[key] = bank
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return bank.copy()
 
 
 def _json(meta: dict, key: str, name: str):
@@ -233,7 +287,8 @@ def _json(meta: dict, key: str, name: str):
         raise BankError(f"{name} has missing or malformed '{key}' metadata.") from None
 
 
-def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank") -> Bank:
+def _header(meta: dict, name: str) -> tuple[list, dict, float]:
+    """Format, version, concept entries, base and ε from the metadata, checked."""
     if meta.get("format") != FORMAT:
         raise BankError(f"{name} is not a SeqLoRA bank (format is {meta.get('format')!r}).")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -246,59 +301,95 @@ def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank") 
         raise BankError(f"{name} has a malformed 'eps' value.") from None
     if not isinstance(entries, list) or not isinstance(base, dict):
         raise BankError(f"{name} has malformed concept or base metadata.")
-    concepts, seen, used_keys, shapes = [], set(), set(), {}
-    for entry in entries:
-        try:
-            ident, rank, method = entry["id"], int(entry["rank"]), entry["method"]
-        except (KeyError, TypeError, ValueError):
-            raise BankError(f"{name} has a concept entry without id, rank or method.") from None
-        if not isinstance(ident, str) or not ID_PATTERN.match(ident) or ident in seen:
-            raise BankError(f"{name} has an invalid or repeated concept id {ident!r}.")
-        if method not in METHODS:
-            raise BankError(f"{name}: concept '{ident}' has unknown method {method!r}.")
-        seen.add(ident)
-        A, B = {}, {}
-        prefix_a, prefix_b = f"concept.{ident}.A.", f"concept.{ident}.B."
-        for key, t in tensors.items():
-            if key.startswith(prefix_a):
-                A[key[len(prefix_a):]] = t
-            elif key.startswith(prefix_b):
-                B[key[len(prefix_b):]] = t
-        emb_key = f"concept.{ident}.embedding"
-        if emb_key not in tensors:
-            raise BankError(f"{name}: concept '{ident}' has no token embedding.")
-        if not A or set(A) != set(B):
-            raise BankError(f"{name}: concept '{ident}' does not have matching A and B factors for every layer.")
-        for layer in A:
-            a, b = A[layer], B[layer]
-            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != rank or b.shape[1] != rank:
-                raise BankError(f"{name}: concept '{ident}' layer {layer} has factors of shape "
-                                f"{tuple(a.shape)} and {tuple(b.shape)}, not rank {rank}.")
-            expected = shapes.setdefault(layer, (a.shape[0], b.shape[0]))
-            if expected != (a.shape[0], b.shape[0]):
-                raise BankError(f"{name}: layer {layer} has width {expected} for one concept and "
-                                f"{(a.shape[0], b.shape[0])} for '{ident}'.")
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise BankError(f"{name}: concept '{ident}' layer {layer} holds non-finite values.")
-        emb = tensors[emb_key]
-        if emb.dim() != 2 or not torch.isfinite(emb).all():
-            raise BankError(f"{name}: concept '{ident}' has a malformed token embedding.")
-        used_keys.update(f"{prefix_a}{k}" for k in A)
-        used_keys.update(f"{prefix_b}{k}" for k in B)
-        used_keys.add(emb_key)
-        concepts.append(Concept(
-            id=ident, token=entry.get("token", f"<{ident}>"), init_word=entry.get("init_word", ""),
-            rank=rank, method=method, A=A, B=B, embedding=emb, created=entry.get("created", ""),
-            settings=entry.get("settings", {}), final_loss=entry.get("final_loss")))
-    stray = set(tensors) - used_keys
+    return entries, base, eps
+
+
+def _group_tensors(tensors: dict[str, Tensor], name: str) -> dict[str, dict]:
+    """One pass over the keys: id → {"A": {layer: t}, "B": {layer: t}, "embedding": t}."""
+    grouped: dict[str, dict] = {}
+    for key, t in tensors.items():
+        parts = key.split(".", 3)  # concept . <id> . A|B . <layer>   or   concept . <id> . embedding
+        if parts[0] != "concept" or len(parts) < 3:
+            raise BankError(f"{name} holds a tensor of no listed concept ({key}).")
+        slot = grouped.setdefault(parts[1], {"A": {}, "B": {}, "embedding": None})
+        if parts[2] in ("A", "B") and len(parts) == 4:
+            slot[parts[2]][parts[3]] = t
+        elif parts[2] == "embedding" and len(parts) == 3:
+            slot["embedding"] = t
+        else:
+            raise BankError(f"{name} holds a tensor of no listed concept ({key}).")
+    return grouped
+
+
+def _concept(entry, slot: dict | None, name: str, seen: set) -> Concept:
+    """One concept from its metadata entry and tensors, with its shapes checked."""
+    try:
+        ident, rank, method = entry["id"], int(entry["rank"]), entry["method"]
+    except (KeyError, TypeError, ValueError):
+        raise BankError(f"{name} has a concept entry without id, rank or method.") from None
+    if not isinstance(ident, str) or not ID_PATTERN.match(ident) or ident in seen:
+        raise BankError(f"{name} has an invalid or repeated concept id {ident!r}.")
+    if method not in METHODS:
+        raise BankError(f"{name}: concept '{ident}' has unknown method {method!r}.")
+    seen.add(ident)
+    if slot is None or slot["embedding"] is None:
+        raise BankError(f"{name}: concept '{ident}' has no token embedding.")
+    A, B, emb = slot["A"], slot["B"], slot["embedding"]
+    if not A or set(A) != set(B):
+        raise BankError(f"{name}: concept '{ident}' does not have matching A and B factors for every layer.")
+    for layer in A:
+        a, b = A[layer], B[layer]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != rank or b.shape[1] != rank:
+            raise BankError(f"{name}: concept '{ident}' layer {layer} has factors of shape "
+                            f"{tuple(a.shape)} and {tuple(b.shape)}, not rank {rank}.")
+    if emb.dim() != 2:
+        raise BankError(f"{name}: concept '{ident}' has a malformed token embedding.")
+    return Concept(id=ident, token=entry.get("token", f"<{ident}>"), init_word=entry.get("init_word", ""),
+                   rank=rank, method=method, A=A, B=B, embedding=emb, created=entry.get("created", ""),
+                   settings=entry.get("settings", {}), final_loss=entry.get("final_loss"))
+
+
+def _finite(tensors: list[Tensor]) -> bool:
+    """All values finite: a float64 sum is NaN or ±inf iff some value is (one pass, no mask)."""
+    return all(bool(torch.isfinite(t.sum(dtype=torch.float64))) for t in tensors)
+
+
+def _check_layers(concepts: list[Concept], name: str) -> None:
+    """Per layer, stacked once: one width for every concept, finite values, orthogonal bases."""
+    by_layer: dict[str, list[Concept]] = {}
+    for c in concepts:
+        for layer in c.A:
+            by_layer.setdefault(layer, []).append(c)
+    for layer, held in by_layer.items():
+        widths = {(c.A[layer].shape[0], c.B[layer].shape[0]) for c in held}
+        if len(widths) > 1:
+            raise BankError(f"{name}: layer {layer} has factors of different widths {sorted(widths)}.")
+        if not (_finite([c.A[layer] for c in held]) and _finite([c.B[layer] for c in held])):
+            bad = next(c.id for c in held if not _finite([c.A[layer], c.B[layer]]))
+            raise BankError(f"{name}: concept '{bad}' layer {layer} holds non-finite values.")
+        bases = [c.B[layer] for c in held if c.constrained]
+        if len(bases) > 1 and not probably_orthogonal(bases, ORTHOGONALITY_TOLERANCE):
+            err = float(block_overlaps(bases).max())
+            if err > ORTHOGONALITY_TOLERANCE:
+                raise BankError(f"{name} breaks orthogonality: two concepts' bases overlap by {err:.2e} "
+                                f"on {layer} (tolerance {ORTHOGONALITY_TOLERANCE:.0e}).")
+    embeddings = [c.embedding for c in concepts]
+    if len({e.shape[1] for e in embeddings}) > 1:
+        raise BankError(f"{name} mixes token embeddings of widths {sorted({e.shape[1] for e in embeddings})}.")
+    if embeddings and not _finite(embeddings):
+        bad = next(c.id for c in concepts if not _finite([c.embedding]))
+        raise BankError(f"{name}: concept '{bad}' has a malformed token embedding.")
+
+
+def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank") -> Bank:
+    """A validated Bank from a file's metadata and tensors (every defect: one BankError)."""
+    entries, base, eps = _header(meta, name)
+    grouped = _group_tensors(tensors, name)
+    seen: set[str] = set()
+    concepts = [_concept(entry, grouped.get(entry.get("id") if isinstance(entry, dict) else None), name, seen)
+                for entry in entries]
+    stray = set(grouped) - seen
     if stray:
-        raise BankError(f"{name} holds tensors of no listed concept (e.g. {sorted(stray)[0]}).")
-    widths = {e.shape[1] for e in (c.embedding for c in concepts)}
-    if len(widths) > 1:
-        raise BankError(f"{name} mixes token embeddings of widths {sorted(widths)}.")
-    bank = Bank(base, eps, concepts)
-    err = bank.max_orthogonality_error()
-    if err > ORTHOGONALITY_TOLERANCE:
-        raise BankError(f"{name} breaks orthogonality: two concepts' bases overlap by {err:.2e} "
-                        f"(tolerance {ORTHOGONALITY_TOLERANCE:.0e}).")
-    return bank
+        raise BankError(f"{name} holds tensors of no listed concept (e.g. concept '{sorted(stray)[0]}').")
+    _check_layers(concepts, name)
+    return Bank(base, eps, concepts)

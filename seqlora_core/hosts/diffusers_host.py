@@ -60,9 +60,6 @@ class DiffusersHost:
                     out[f"{prefix}.{canonical_text_name(name) if prefix == 'text_encoder' else name}"] = module
         return out
 
-    def token_width(self) -> int:
-        return self.text_encoder.get_input_embeddings().embedding_dim
-
     def init_embedding(self, word: str) -> Tensor:
         return self.tokens.init_embedding(word, self.text_encoder.get_input_embeddings().weight)
 

@@ -25,9 +25,6 @@ class Host(Protocol):
     def linear_layers(self) -> dict[str, nn.Linear]:
         """Every adaptable linear layer, by canonical name."""
 
-    def token_width(self) -> int:
-        """d, the width of one token embedding."""
-
     def init_embedding(self, word: str) -> Tensor:
         """(k, d) float32 input embedding of ``word`` (mean over its BPE pieces, k = 1)."""
 

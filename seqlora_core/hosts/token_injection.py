@@ -57,7 +57,14 @@ class TokenInjector:
             self._active = {}
 
     def init_embedding(self, word: str, table: Tensor) -> Tensor:
-        """(1, d): the mean input embedding of ``word``'s BPE pieces."""
-        ids = self.tokenizer(word, add_special_tokens=False).input_ids
-        ids = [i for i in ids if i < self.vocab] or [self.tokenizer.unk_token_id or 0]
-        return table[ids].detach().float().mean(dim=0, keepdim=True).cpu()
+        """(1, d): the starting vector of a concept token whose class word is ``word``."""
+        return mean_piece_embedding(table, self.tokenizer(word, add_special_tokens=False).input_ids)
+
+
+def mean_piece_embedding(table: Tensor, piece_ids: list[int]) -> Tensor:
+    """(1, d) float32 on the CPU: a concept token starts at the mean input embedding of its class
+    word's BPE pieces (DESIGN §3). Every host calls this one function. Ids outside the table are
+    dropped; a word with no usable piece starts at the mean of the whole table, a neutral vector."""
+    ids = [i for i in piece_ids if 0 <= i < table.shape[0]]
+    rows = table[ids] if ids else table
+    return rows.detach().float().mean(dim=0, keepdim=True).cpu()

@@ -58,9 +58,6 @@ class LoRAHooks:
         """Use these factors as the trainable concept's residual from now on."""
         self.trainable = {name: (a[name], b[name]) for name in a}
 
-    def unbind(self) -> None:
-        self.trainable = {}
-
     def set_composed(self, per_layer: Mapping[str, Factors]) -> None:
         """Frozen concepts' residuals, already stacked per layer (see :func:`compose_factors`)."""
         device_of = {name: module.weight.device for name, module in self.layers.items()}

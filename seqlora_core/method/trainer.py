@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..bank.format import Bank, Concept, token_to_id
-from ..settings import CONSTRAINED_METHODS
+from ..bank.format import Bank, Concept
+from ..settings import CONSTRAINED_METHODS, TrainSettings, train_settings
 from .bilevel import BilevelConfig, BilevelSolver, is_finite
 from ..errors import CapacityError, InputError, SeqLoRAError
 from ..bank.fingerprint import base_fingerprint
@@ -39,27 +39,10 @@ class Interrupted(SeqLoRAError):
     """Training was stopped by the user; nothing was written."""
 
 
-@dataclass
-class TrainSettings:
-    method: str = "seqlora"
-    rank: int = 4
-    steps: int = 200  # minibatches
-    bilevel_iters: int = 3  # K, per minibatch
-    inner_steps: int = 2  # T
-    eps: float = 1e-8
-    resolution: int = 512
-    batch_size: int = 1
-    seed: int = 0
-    optimizer: str = "adam"
-    lr_a: float = 1e-4
-    lr_b: float = 1e-4
-    lr_embedding: float = 5e-3
-    hypergradient: str = "paper"
-    targets: str = "default"
-
-    def bilevel_config(self) -> BilevelConfig:
-        return BilevelConfig(method=self.method, inner_steps=self.inner_steps, lr_a=self.lr_a, lr_b=self.lr_b,
-                             lr_aux=self.lr_embedding, optimizer=self.optimizer, hypergradient=self.hypergradient)
+def bilevel_config(settings: TrainSettings) -> BilevelConfig:
+    return BilevelConfig(method=settings.method, inner_steps=settings.inner_steps, lr_a=settings.lr_a,
+                         lr_b=settings.lr_b, lr_aux=settings.lr_embedding, optimizer=settings.optimizer,
+                         hypergradient=settings.hypergradient)
 
 
 @dataclass
@@ -106,13 +89,10 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
     fingerprint = base_fingerprint(host.linear_layers())
     bank = bank if bank is not None else new_bank(host, settings.eps)
     bank.check_base(host.architecture(), fingerprint)
-    ident = token_to_id(token)
+    ident = bank.check_new_token(token)
     token = f"<{ident}>" if not token.startswith("<") else token
-    if any(c.id == ident for c in bank.concepts):
-        raise InputError(f"The bank already has a concept '{ident}'; choose another token.")
-    if settings.rank < 1 or settings.steps < 1 or settings.bilevel_iters < 1 or settings.batch_size < 1:
-        raise InputError("Rank, steps, bilevel iterations and batch size must all be at least 1.")
-    cfg = settings.bilevel_config()
+    train_settings(asdict(settings))  # every value in its range (one sentence otherwise)
+    cfg = bilevel_config(settings)
 
     all_layers = host.linear_layers()
     targets = select_layers(all_layers, settings.targets)
