@@ -1,54 +1,81 @@
-"""One bilevel iteration of SeqLoRA and of the baselines, on any differentiable loss L(A, B).
+"""One bilevel iteration of SeqLoRA, and of the baselines, on any loss L(A, B, embedding).
 
-Notation (DESIGN.md §3): A = the output-side factors of every adapted layer (lists of n × r
-tensors), B = the input-side bases (lists of m × r), P = the null-space projection of each layer.
-One SeqLoRA iteration on a fixed minibatch (so that L is one deterministic function):
+Read this beside DESIGN.md §3. ``a`` and ``b`` are lists with one tensor per adapted layer
+(A: n × r, B: m × r); ``embedding`` is the concept token's vectors (learned with A, textual
+inversion style); ``alpha`` is the inner step size α; ``project`` applies each layer's null-space
+projector P. One iteration runs on one fixed minibatch, so L is one deterministic function.
 
-1. inner steps  A⁺ = A − D ⊙ ∇_A L(A, B)   (T of them; D = α for SGD, Adam's α/√v̂ otherwise,
-   held constant so the step is linear in the gradient);
-2. reduced objective F(B) = L(A⁺(B), B);
-3. hypergradient  ∇F(B) = ∇_B L(A⁺, B) − H_BA(A, B)[D ⊙ ∇_A L(A⁺, B)], the cross-Hessian
-   product taken by double backward through the first inner step's graph (``hypergradient =
-   "paper"``, the paper's formula: the Jacobian of the first inner step), or by back-propagating
-   through all T unrolled inner steps (``"unrolled"``: the exact gradient of the T-step F);
-   both coincide for T = 1;
-4. projected upper step  B ← B − P·step(P ∇F(B));
-5. A step  A ← A⁺ − step(∇_A L(A⁺, B_new)); auxiliary parameters (the concept's token
-   embedding) take their plain gradient step in this same pass.
+SeqLoRA (``BilevelSolver.seqlora_iteration``), DESIGN §3 step by step:
 
-``alternating`` is the paper's Continual Alternating (steps 1, 4 with ∇_B L(A⁺, B), 5: no
-cross-Hessian); ``frozen-basis`` (Orthogonal Adaptation) keeps B fixed and takes T + 1 A steps;
-``lora`` takes T + 1 unconstrained joint steps (for comparison only).
+  1.   ``inner_steps``             A⁺ = A − α ∇_A L(A, B), T times
+  2–3. ``hypergradient_paper``     ∇F(B) = ∇_B L(A⁺, B) − H_BA(A, B)[α ∇_A L(A⁺, B)], the
+                                   product by double backward (``cross_hessian_vector_product``)
+       ``hypergradient_unrolled``  (option) back-propagate through all T inner steps instead
+  4.   ``projected_b_step``        B ← B − P·step(P ∇F(B))
+  5.   ``a_step``                  A ← A⁺ − step(∇_A L(A⁺, B_new)); the embedding steps here too
 
-Only the pass that needs a second derivative runs inside ``differentiable_context`` (the host's
-attention path with double backward); every other pass keeps the host's fast kernels.
+Baselines: ``alternating_iteration`` (the paper's Continual Alternating: steps 1, 4 with the
+plain ∇_B L(A⁺, B), 5), ``frozen_basis_iteration`` (Orthogonal Adaptation: 1 and 5, B fixed),
+``lora_iteration`` (T + 1 joint unconstrained steps; comparison only).
+
+Deviations from DESIGN §3, and why (figures: ``python bench/deviations.py``)
+--------------------------------------------------------------------------
+D1 Step 5 starts from A⁺, not from A, so T + 1 A steps are committed per iteration. DESIGN's
+   ``A ← A − α∇_A L(A, B_new)`` throws the T inner steps away and moves A by one step per
+   iteration; starting from A⁺ keeps that work. On the two-layer and covariance problems of
+   ``tests/test_linear_identities.py`` it reaches a lower loss in the same number of passes.
+D2 ``paper`` (default) keeps only the first inner step's cross-Hessian term, as the paper's
+   formula does; for T = 2 it is not the exact derivative of the two-step F(B) (on the
+   two-layer problem the two differ by tens of per cent; ``unrolled`` is exact and costs a second
+   twice-differentiated pass). Kept as the default because it is the method as published and its
+   cost is the one the paper reports; the exact gradient is one option away.
+D3 With Adam, the inner α is α_layer = lr_a / RMS(∇_A L) of the first gradient this concept
+   sees, then held fixed. The formula needs a step linear in ∇_A L with a constant α (Adam's
+   elementwise step is not); re-measuring α on every minibatch would turn the inner step into a
+   normalised step whose size no longer shrinks with the gradient near a minimum. SGD uses
+   α = lr_a as written.
+D4 The committed steps (4, 5) may be Adam steps; B's is projected before and after Adam, so B
+   never leaves the free space. ``optimizer="sgd"`` gives the paper's plain steps.
+D5 Precision (``precision.py``): gradients of a fp16 model are taken of a scaled loss; a
+   commit (the B step or the A step) whose gradients are not finite is skipped and counted in
+   ``skipped_steps``, and the scale is halved — a half-precision overflow is not divergence.
+D6 ``low_memory`` (paper hypergradient only) takes the first inner step from a plain pass and
+   builds the twice-differentiated graph at (A, B) only after A⁺ is known, so it is never held
+   while other passes run: one extra plain pass for a lower peak.
+
+Only the twice-differentiated pass runs inside ``differentiable_context`` (the host's attention
+kernel with double backward, fp32 normalisation for half models); every other pass keeps the
+host's fast kernels. No pass reads a value back to the host except the one finiteness check per
+commit.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..settings import METHODS
+from .precision import LossScale, all_finite
 
-# L(A, B, aux) -> scalar loss; each argument a list of tensors
+# L(a, b, embedding) -> scalar loss; each argument a list of tensors
 LossFn = Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]], Tensor]
 Projection = Callable[[Sequence[Tensor]], list[Tensor]]
-
+StepSize = float | list[Tensor]  # α: one float (SGD) or one 0-d tensor per layer (Adam, D3)
 
 
 @dataclass
 class BilevelConfig:
     method: str = "seqlora"
     inner_steps: int = 2  # T
-    lr_a: float = 1e-3  # α
+    lr_a: float = 1e-3  # α (SGD) / Adam's step for A
     lr_b: float = 1e-3  # β
-    lr_aux: float = 5e-3  # token embedding
+    lr_embedding: float = 5e-3  # the concept token's embedding
     optimizer: str = "adam"  # "adam" or "sgd" (the paper's plain steps)
     hypergradient: str = "paper"  # "paper" or "unrolled"
+    low_memory: bool = False  # D6
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
 
@@ -63,183 +90,255 @@ class BilevelConfig:
             raise ValueError("inner steps must be at least 1")
 
 
-class FactorOptimizer:
-    """Plain SGD or Adam over a list of tensors, returning steps instead of applying them.
-
-    Returning the step lets the caller project it (B) or keep it differentiable (inner A steps).
-    """
+class StepRule:
+    """SGD or Adam over a list of fp32 tensors, returning the steps instead of applying them,
+    so the caller can project them (B). Batched over all layers with torch's foreach ops."""
 
     def __init__(self, like: Sequence[Tensor], lr: float, kind: str, betas=(0.9, 0.999), eps=1e-8):
         self.lr, self.kind, self.betas, self.eps = lr, kind, betas, eps
         self.t = 0
-        self.inner_alpha: list[Tensor] | None = None
-        self.m = [torch.zeros_like(p, dtype=torch.float32) for p in like]
-        self.v = [torch.zeros_like(p, dtype=torch.float32) for p in like]
-
-    def preconditioner(self, grads: Sequence[Tensor]) -> list[Tensor] | float:
-        """The inner step size D (inner step = D · g), a constant: no graph, no state change.
-
-        SGD: D = α. Adam: one scalar per tensor, α / RMS(g) from the *first* gradient this
-        optimiser saw, then held fixed for the whole concept. The inner steps are thus plain
-        gradient steps, linear in ∇_A L as the hypergradient formula requires, with a step size
-        calibrated once to the layer's gradient scale (the theory's fixed α). An elementwise or
-        re-normalised step would make the effective α explode as gradients shrink.
-        """
-        if self.kind == "sgd":
-            return self.lr
-        if self.inner_alpha is None:
-            self.inner_alpha = [self.lr / (g.detach().float().pow(2).mean().sqrt() + self.eps)
-                                for g in grads]
-        return self.inner_alpha
+        self.m = [torch.zeros_like(p) for p in like]  # like: the fp32 (or wider) factors
+        self.v = [torch.zeros_like(p) for p in like]
 
     def step(self, grads: Sequence[Tensor]) -> list[Tensor]:
         """The update to subtract, advancing the optimiser state."""
+        grads = [g.detach().to(m.dtype) for g, m in zip(grads, self.m)]
+        if not grads:
+            return []
         if self.kind == "sgd":
-            return [self.lr * g for g in grads]
+            return torch._foreach_mul(grads, self.lr)
         self.t += 1
         b1, b2 = self.betas
-        out = []
-        for m, v, g in zip(self.m, self.v, grads):
-            g = g.detach().float()
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            m_hat = m / (1 - b1 ** self.t)
-            v_hat = v / (1 - b2 ** self.t)
-            out.append(self.lr * m_hat / (v_hat.sqrt() + self.eps))
+        torch._foreach_lerp_(self.m, grads, 1 - b1)  # m ← β1 m + (1 − β1) g
+        torch._foreach_mul_(self.v, b2)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)  # v ← β2 v + (1 − β2) g²
+        denom = torch._foreach_sqrt(self.v)  # √v̂ + ε = √v / √(1 − β2ᵗ) + ε
+        torch._foreach_div_(denom, (1 - b2 ** self.t) ** 0.5)
+        torch._foreach_add_(denom, self.eps)
+        out = torch._foreach_div(self.m, denom)
+        torch._foreach_mul_(out, self.lr / (1 - b1 ** self.t))  # lr · m̂ / (√v̂ + ε)
         return out
-
-
-def _scaled(d: list[Tensor] | float, g: Sequence[Tensor]) -> list[Tensor]:
-    return [(d if isinstance(d, float) else d[i]) * gi for i, gi in enumerate(g)]
 
 
 def _leaves(ts: Sequence[Tensor]) -> list[Tensor]:
     return [t.detach().requires_grad_(True) for t in ts]
 
 
+def _minus(x: Sequence[Tensor], step: Sequence[Tensor]) -> list[Tensor]:
+    return [xi - si for xi, si in zip(x, step)]
+
+
+def _times(alpha: StepSize, g: Sequence[Tensor]) -> list[Tensor]:
+    """α · g, per layer (kept differentiable: the unrolled hypergradient goes through it)."""
+    return [(alpha if isinstance(alpha, float) else alpha[i]) * gi for i, gi in enumerate(g)]
+
+
+def _grad(output: Tensor, inputs: Sequence[Tensor], **kw) -> list[Tensor]:
+    grads = torch.autograd.grad(output, list(inputs), allow_unused=True, **kw)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+
+
+def loss_and_gradients(loss_fn: LossFn, a: Sequence[Tensor], b: Sequence[Tensor],
+                       embedding: Sequence[Tensor], of: Collection[str],
+                       scale: float = 1.0) -> tuple[Tensor, dict[str, list[Tensor]]]:
+    """One forward and backward pass at (a, b, embedding): the loss (a detached 0-d tensor, no
+    host sync) and the gradients of the blocks named in ``of`` ("a", "b", "embedding").
+    ``scale`` is the fp16 loss scale: gradients are taken of loss · scale, then divided by it."""
+    point = {"a": a, "b": b, "embedding": embedding}
+    point = {k: _leaves(v) if k in of else [t.detach() for t in v] for k, v in point.items()}
+    loss = loss_fn(point["a"], point["b"], point["embedding"])
+    names = [k for k in ("a", "b", "embedding") if k in of]
+    flat = _grad(loss * scale if scale != 1.0 else loss, [t for k in names for t in point[k]])
+    if scale != 1.0:
+        torch._foreach_div_(flat, scale)
+    out, start = {}, 0
+    for k in names:
+        out[k] = flat[start:start + len(point[k])]
+        start += len(point[k])
+    return loss.detach(), out
+
+
 def cross_hessian_vector_product(grad_a: Sequence[Tensor], b: Sequence[Tensor],
                                  v: Sequence[Tensor]) -> list[Tensor]:
-    """H_BA[V] = ∂/∂B ⟨∇_A L, V⟩ by double backward; ``grad_a`` must carry its graph."""
-    out = torch.autograd.grad(grad_a, b, grad_outputs=list(v), allow_unused=True)
-    return [torch.zeros_like(bi) if o is None else o for o, bi in zip(out, b)]
+    """H_BA[V] = ∂/∂B ⟨∇_A L, V⟩ by double backward; ``grad_a`` must carry its graph to ``b``."""
+    return _grad(list(grad_a), b, grad_outputs=list(v))
 
 
 @dataclass
 class IterationResult:
-    loss_before: float  # L(A, B) at the start of the iteration
-    loss: float  # L at the last pass of the iteration
+    loss_before: Tensor  # L(A, B) at the start of the iteration (0-d, detached, on the device)
+    loss: Tensor  # L at the last pass of the iteration
+    skipped: int = 0  # commits skipped in this iteration because their gradients were not finite
 
 
 class BilevelSolver:
-    """Holds one concept's factors and optimiser state; ``iterate`` runs one bilevel iteration."""
+    """One concept's factors and optimiser state; ``iterate`` runs one iteration of its method."""
 
-    def __init__(self, a: Sequence[Tensor], b: Sequence[Tensor], aux: Sequence[Tensor],
+    def __init__(self, a: Sequence[Tensor], b: Sequence[Tensor], embedding: Sequence[Tensor],
                  project: Projection, config: BilevelConfig,
-                 differentiable_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
-        self.a = [t.detach().clone() for t in a]
-        self.b = [t.detach().clone() for t in b]
-        self.aux = [t.detach().clone() for t in aux]
+                 differentiable_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 loss_scale: LossScale | None = None):
+        # the factors and the embedding stay fp32 (or wider) whatever the model's dtype
+        wide = lambda ts: [t.detach().clone().to(torch.promote_types(t.dtype, torch.float32)) for t in ts]  # noqa: E731
+        self.a, self.b, self.embedding = wide(a), wide(b), wide(embedding)
         self.project = project
         self.cfg = config
         self.differentiable_context = differentiable_context
-        self.opt_a = FactorOptimizer(self.a, config.lr_a, config.optimizer, config.betas, config.adam_eps)
-        self.opt_b = FactorOptimizer(self.b, config.lr_b, config.optimizer, config.betas, config.adam_eps)
-        self.opt_aux = FactorOptimizer(self.aux, config.lr_aux, config.optimizer, config.betas, config.adam_eps)
+        self.loss_scale = loss_scale or LossScale(torch.float32)
+        rule = lambda like, lr: StepRule(like, lr, config.optimizer, config.betas, config.adam_eps)  # noqa: E731
+        self.opt_a, self.opt_b = rule(self.a, config.lr_a), rule(self.b, config.lr_b)
+        self.opt_embedding = rule(self.embedding, config.lr_embedding)
+        self.alpha: StepSize | None = config.lr_a if config.optimizer == "sgd" else None
+        self._alpha_checked = config.optimizer == "sgd"
+        self.skipped_steps = 0
+        self._skipped_now = 0
 
-    # -- passes ------------------------------------------------------------------------------
-    def _grads(self, loss_fn: LossFn, a, b, aux, wrt: str) -> tuple[float, list[Tensor]]:
-        """One forward and backward; ``wrt`` picks the gradient blocks among 'a', 'b', 'x'."""
-        a = _leaves(a) if "a" in wrt else [t.detach() for t in a]
-        b = _leaves(b) if "b" in wrt else [t.detach() for t in b]
-        aux = _leaves(aux) if "x" in wrt else [t.detach() for t in aux]
-        loss = loss_fn(a, b, aux)
-        targets = (a if "a" in wrt else []) + (b if "b" in wrt else []) + (aux if "x" in wrt else [])
-        grads = torch.autograd.grad(loss, targets, allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, targets)]
-        return float(loss.detach()), grads
+    @property
+    def scale(self) -> float:
+        return self.loss_scale.scale
 
-    def _inner_plain(self, loss_fn: LossFn, a: list[Tensor], steps: int) -> tuple[list[Tensor], float | None]:
-        first = None
+    # -- the algorithms ----------------------------------------------------------------------
+    def iterate(self, loss_fn: LossFn) -> IterationResult:
+        self._skipped_now = 0
+        run = {"seqlora": self.seqlora_iteration, "alternating": self.alternating_iteration,
+               "frozen-basis": self.frozen_basis_iteration, "lora": self.lora_iteration}[self.cfg.method]
+        loss_before, loss = run(loss_fn)
+        return IterationResult(loss_before, loss, self._skipped_now)
+
+    def seqlora_iteration(self, loss_fn: LossFn) -> tuple[Tensor, Tensor]:
+        """DESIGN §3 steps 1–5."""
+        grad_f, a_plus, loss_before = self.hypergradient(loss_fn)
+        if not self._finite(grad_f + a_plus):
+            return loss_before, loss_before
+        self.projected_b_step(grad_f)
+        return loss_before, self.a_step(loss_fn, a_plus)
+
+    def alternating_iteration(self, loss_fn: LossFn) -> tuple[Tensor, Tensor]:
+        """Continual Alternating: steps 1, 4 and 5 with the plain partial gradient ∇_B L(A⁺, B)."""
+        a_plus, loss_before = self.inner_steps(loss_fn, self.a, self.cfg.inner_steps)
+        _, grads = loss_and_gradients(loss_fn, a_plus, self.b, self.embedding, of=("b",), scale=self.scale)
+        if not self._finite(grads["b"] + a_plus):
+            return loss_before, loss_before
+        self.projected_b_step(grads["b"])
+        return loss_before, self.a_step(loss_fn, a_plus)
+
+    def frozen_basis_iteration(self, loss_fn: LossFn) -> tuple[Tensor, Tensor]:
+        """Orthogonal Adaptation: B stays as initialised; steps 1 and 5."""
+        a_plus, loss_before = self.inner_steps(loss_fn, self.a, self.cfg.inner_steps)
+        return loss_before, self.a_step(loss_fn, a_plus)
+
+    def lora_iteration(self, loss_fn: LossFn) -> tuple[Tensor, Tensor]:
+        """Unconstrained LoRA: T + 1 joint steps on A, B and the embedding (comparison only)."""
+        loss_before = None
+        for _ in range(self.cfg.inner_steps + 1):
+            loss, grads = loss_and_gradients(loss_fn, self.a, self.b, self.embedding,
+                                             of=("a", "b", "embedding"), scale=self.scale)
+            loss_before = loss if loss_before is None else loss_before
+            if self._finite(grads["a"] + grads["b"] + grads["embedding"]):
+                self.a = _minus(self.a, self.opt_a.step(grads["a"]))
+                self.b = _minus(self.b, self.opt_b.step(grads["b"]))
+                self.embedding = _minus(self.embedding, self.opt_embedding.step(grads["embedding"]))
+        return loss_before, loss
+
+    # -- the steps ---------------------------------------------------------------------------
+    def inner_step_size(self, grad_a: Sequence[Tensor]) -> StepSize:
+        """α: lr_a for SGD; with Adam, lr_a / RMS of the first gradient, then fixed (D3)."""
+        if self.alpha is None:
+            rms = torch._foreach_norm([g.detach() for g in grad_a])
+            self.alpha = [self.cfg.lr_a / (n / g.numel() ** 0.5 + self.cfg.adam_eps) for n, g in zip(rms, grad_a)]
+        return self.alpha
+
+    def inner_steps(self, loss_fn: LossFn, a: Sequence[Tensor], steps: int) -> tuple[list[Tensor], Tensor | None]:
+        """Step 1, not differentiated: ``steps`` plain steps A ← A − α ∇_A L(A, B).
+        Returns the final A and the loss at the first one (None when ``steps`` is 0)."""
+        a, first = list(a), None
         for _ in range(steps):
-            loss, g_a = self._grads(loss_fn, a, self.b, self.aux, "a")
+            loss, grads = loss_and_gradients(loss_fn, a, self.b, self.embedding, of=("a",), scale=self.scale)
             first = loss if first is None else first
-            d = self.opt_a.preconditioner(g_a)
-            a = [ai - si for ai, si in zip(a, _scaled(d, g_a))]
+            a = _minus([t.detach() for t in a], _times(self.inner_step_size(grads["a"]), grads["a"]))
         return a, first
 
-    def _a_step(self, loss_fn: LossFn, a: list[Tensor]) -> float:
-        """Step 5 (and the token embedding's step)."""
-        n = len(a)
-        loss, g = self._grads(loss_fn, a, self.b, self.aux, "ax")
-        self.a = [ai - si for ai, si in zip(a, self.opt_a.step(g[:n]))]
-        if self.aux:
-            self.aux = [xi - si for xi, si in zip(self.aux, self.opt_aux.step(g[n:]))]
+    def hypergradient(self, loss_fn: LossFn) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """(∇F(B), A⁺, L(A, B)) at the current (A, B): steps 1–3 in the configured variant."""
+        if self.cfg.hypergradient == "unrolled":
+            return self.hypergradient_unrolled(loss_fn)
+        if self.cfg.low_memory:
+            return self.hypergradient_paper_low_memory(loss_fn)
+        return self.hypergradient_paper(loss_fn)
+
+    def _twice_differentiable_gradient(self, loss_fn: LossFn, a: list[Tensor], b: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """L(a, b) and scale · ∇_a L with its graph kept (create_graph) for a second derivative."""
+        with self.differentiable_context():
+            loss = loss_fn(a, b, [t.detach() for t in self.embedding])
+            grad_a = torch.autograd.grad(loss * self.scale, a, create_graph=True)
+        return loss, list(grad_a)
+
+    def hypergradient_paper(self, loss_fn: LossFn) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """The paper's formula: ∇_B L(A⁺, B) − H_BA(A, B)[α ∇_A L(A⁺, B)] (D2), the graph of the
+        first inner step kept for the cross-Hessian product."""
+        a, b = _leaves(self.a), _leaves(self.b)
+        loss_before, grad_a_scaled = self._twice_differentiable_gradient(loss_fn, a, b)  # holds its graph
+        grad_a = [g.detach() / self.scale for g in grad_a_scaled]
+        alpha = self.inner_step_size(grad_a)
+        a_plus = _minus(self.a, _times(alpha, grad_a))  # first inner step, from the kept pass
+        a_plus, _ = self.inner_steps(loss_fn, a_plus, self.cfg.inner_steps - 1)
+        _, at_a_plus = loss_and_gradients(loss_fn, a_plus, self.b, self.embedding, of=("a", "b"), scale=self.scale)
+        h = cross_hessian_vector_product(grad_a_scaled, b, _times(alpha, at_a_plus["a"]))  # scale · H_BA[v]
+        grad_f = [gb - hb / self.scale for gb, hb in zip(at_a_plus["b"], h)]
+        return grad_f, a_plus, loss_before.detach()
+
+    def hypergradient_paper_low_memory(self, loss_fn: LossFn) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Same value as ``hypergradient_paper``; the kept graph is built last (D6)."""
+        a_plus, loss_before = self.inner_steps(loss_fn, self.a, self.cfg.inner_steps)
+        _, at_a_plus = loss_and_gradients(loss_fn, a_plus, self.b, self.embedding, of=("a", "b"), scale=self.scale)
+        v = _times(self.inner_step_size(at_a_plus["a"]), at_a_plus["a"])
+        a, b = _leaves(self.a), _leaves(self.b)
+        _, grad_a_scaled = self._twice_differentiable_gradient(loss_fn, a, b)
+        h = cross_hessian_vector_product(grad_a_scaled, b, v)
+        del grad_a_scaled
+        grad_f = [gb - hb / self.scale for gb, hb in zip(at_a_plus["b"], h)]
+        return grad_f, a_plus, loss_before
+
+    def hypergradient_unrolled(self, loss_fn: LossFn) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """The exact ∇F(B) of the T-step F(B) = L(A_T(B), B): back-propagation through every
+        inner step (each one twice differentiated). Equals ``hypergradient_paper`` for T = 1."""
+        a, b = _leaves(self.a), _leaves(self.b)
+        loss_before = None
+        for _ in range(self.cfg.inner_steps):
+            loss, grad_scaled = self._twice_differentiable_gradient(loss_fn, a, b)
+            loss_before = loss if loss_before is None else loss_before
+            alpha = self.inner_step_size([g.detach() / self.scale for g in grad_scaled])
+            a = _minus(a, _times(alpha, [g / self.scale for g in grad_scaled]))
+        loss_f = loss_fn(a, b, [t.detach() for t in self.embedding])
+        grad_f = _grad(loss_f * self.scale, b)
+        torch._foreach_div_(grad_f, self.scale)
+        return grad_f, [t.detach() for t in a], loss_before.detach()
+
+    def projected_b_step(self, grad_b: Sequence[Tensor]) -> None:
+        """Step 4: B ← B − P·step(P ∇F(B)) (P twice: Adam's step is not in the free space, D4)."""
+        self.b = _minus(self.b, self.project(self.opt_b.step(self.project(grad_b))))
+
+    def a_step(self, loss_fn: LossFn, a_start: Sequence[Tensor]) -> Tensor:
+        """Step 5 from ``a_start`` = A⁺ (D1), and the embedding's step in the same pass; returns
+        the loss at (A⁺, B_new)."""
+        loss, grads = loss_and_gradients(loss_fn, a_start, self.b, self.embedding,
+                                         of=("a", "embedding"), scale=self.scale)
+        if self._finite(grads["a"] + grads["embedding"] + list(a_start)):
+            self.a = _minus([t.detach() for t in a_start], self.opt_a.step(grads["a"]))
+            self.embedding = _minus(self.embedding, self.opt_embedding.step(grads["embedding"]))
         return loss
 
-    def _b_step(self, grad_b: Sequence[Tensor]) -> None:
-        step = self.opt_b.step(self.project(grad_b))
-        self.b = [bi - si for bi, si in zip(self.b, self.project(step))]
-
-    # -- methods -----------------------------------------------------------------------------
-    def iterate(self, loss_fn: LossFn) -> IterationResult:
-        method = self.cfg.method
-        if method == "seqlora":
-            return self._seqlora(loss_fn)
-        if method == "alternating":
-            a_plus, first = self._inner_plain(loss_fn, self.a, self.cfg.inner_steps)
-            _, g_b = self._grads(loss_fn, a_plus, self.b, self.aux, "b")
-            self._b_step(g_b)
-            return IterationResult(first, self._a_step(loss_fn, a_plus))
-        if method == "frozen-basis":
-            a_plus, first = self._inner_plain(loss_fn, self.a, self.cfg.inner_steps)
-            return IterationResult(first, self._a_step(loss_fn, a_plus))
-        # lora: unconstrained joint steps
-        first = None
-        for _ in range(self.cfg.inner_steps + 1):
-            n = len(self.a)
-            loss, g = self._grads(loss_fn, self.a, self.b, self.aux, "abx")
-            first = loss if first is None else first
-            self.a = [ai - si for ai, si in zip(self.a, self.opt_a.step(g[:n]))]
-            self.b = [bi - si for bi, si in zip(self.b, self.opt_b.step(g[n:2 * n]))]
-            if self.aux:
-                self.aux = [xi - si for xi, si in zip(self.aux, self.opt_aux.step(g[2 * n:]))]
-        return IterationResult(first, loss)
-
-    def hypergradient(self, loss_fn: LossFn) -> tuple[list[Tensor], list[Tensor], float]:
-        """(∇F(B), A⁺, L(A, B)) for the current (A, B): steps 1–3."""
-        t_steps = self.cfg.inner_steps
-        aux = [t.detach() for t in self.aux]
-        a0 = _leaves(self.a)
-        b = _leaves(self.b)
-        with self.differentiable_context():
-            loss0 = loss_fn(a0, b, aux)
-            g_a0 = torch.autograd.grad(loss0, a0, create_graph=True)
-        d0 = self.opt_a.preconditioner(g_a0)
-        if self.cfg.hypergradient == "unrolled":
-            a = [ai - si for ai, si in zip(a0, _scaled(d0, g_a0))]
-            for _ in range(t_steps - 1):
-                with self.differentiable_context():
-                    g_a = torch.autograd.grad(loss_fn(a, b, aux), a, create_graph=True)
-                d = self.opt_a.preconditioner(g_a)
-                a = [ai - si for ai, si in zip(a, _scaled(d, g_a))]
-            loss_f = loss_fn(a, b, aux)
-            grad_f = torch.autograd.grad(loss_f, b, allow_unused=True)
-            grad_f = [torch.zeros_like(bi) if g is None else g for g, bi in zip(grad_f, b)]
-            return grad_f, [ai.detach() for ai in a], float(loss0.detach())
-        a1 = [ai.detach() - si.detach() for ai, si in zip(a0, _scaled(d0, g_a0))]
-        a_plus, _ = self._inner_plain(loss_fn, a1, t_steps - 1)
-        _, g = self._grads(loss_fn, a_plus, self.b, self.aux, "ab")
-        n = len(a_plus)
-        g_a_plus, g_b_plus = g[:n], g[n:]
-        hvp = cross_hessian_vector_product(g_a0, b, _scaled(d0, g_a_plus))
-        grad_f = [gb - h for gb, h in zip(g_b_plus, hvp)]
-        return grad_f, a_plus, float(loss0.detach())
-
-    def _seqlora(self, loss_fn: LossFn) -> IterationResult:
-        grad_f, a_plus, loss0 = self.hypergradient(loss_fn)
-        self._b_step(grad_f)
-        return IterationResult(loss0, self._a_step(loss_fn, a_plus))
-
-
-def is_finite(ts: Sequence[Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in ts)
+    def _finite(self, tensors: Sequence[Tensor]) -> bool:
+        """The one host sync per commit: are these gradients finite? If not, the commit is
+        skipped and counted, the fp16 loss scale halves, and an α calibrated from them is
+        dropped (D5)."""
+        finite = bool(all_finite(tensors))
+        self.loss_scale.update(finite)
+        if finite:
+            self._alpha_checked = True
+        else:
+            self.skipped_steps += 1
+            self._skipped_now += 1
+            if not self._alpha_checked:
+                self.alpha = None
+        return finite

@@ -30,8 +30,13 @@ def compose_factors(parts: Iterable[tuple[float, Tensor, Tensor]]) -> Factors:
 
 
 def lora_delta(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """(x @ B) @ Aᵀ in x's dtype; x: (..., m) → (..., n)."""
-    return (x @ b.to(x.dtype)) @ a.to(x.dtype).T
+    """(x @ B) @ Aᵀ for x: (..., m) → (..., n), computed in fp32 and returned in x's dtype.
+
+    The input is cast up, as peft does: in fp16 / bf16 the rank-r product of fp32 factors would
+    otherwise lose the factors' precision (bf16 keeps 8 bits), and the gradients to A and B
+    (fp32 leaves) are formed from fp32 products. The residual is added back in the model's dtype.
+    """
+    return ((x.float() @ b.float()) @ a.float().T).to(x.dtype)
 
 
 class LoRAHooks:

@@ -13,6 +13,7 @@ changes nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -24,11 +25,12 @@ from torch import Tensor
 
 from ..bank.format import Bank, Concept
 from ..settings import CONSTRAINED_METHODS, TrainSettings, train_settings
-from .bilevel import BilevelConfig, BilevelSolver, is_finite
+from .bilevel import BilevelConfig, BilevelSolver
 from ..errors import CapacityError, InputError, SeqLoRAError
 from ..bank.fingerprint import base_fingerprint
 from ..hosts.protocol import Host
 from .lora import LoRAHooks
+from .precision import HALF, Fp32Normalisation, LossScale
 from .targets import select_layers
 
 PROMPT_TEMPLATES = ("a photo of {}", "a close-up photo of {}", "a picture of {}", "a good photo of {}",
@@ -41,8 +43,12 @@ class Interrupted(SeqLoRAError):
 
 def bilevel_config(settings: TrainSettings) -> BilevelConfig:
     return BilevelConfig(method=settings.method, inner_steps=settings.inner_steps, lr_a=settings.lr_a,
-                         lr_b=settings.lr_b, lr_aux=settings.lr_embedding, optimizer=settings.optimizer,
+                         lr_b=settings.lr_b, lr_embedding=settings.lr_embedding, optimizer=settings.optimizer,
                          hypergradient=settings.hypergradient)
+
+
+# A run stops when this many minibatches in a row had no finite commit (bilevel.py, D5).
+MAX_FAILED_MINIBATCHES = 10
 
 
 @dataclass
@@ -51,6 +57,8 @@ class TrainResult:
     concept: Concept
     losses: list[float] = field(default_factory=list)  # one per minibatch (last iteration's loss)
     seconds: float = 0.0
+    skipped_steps: int = 0  # commits skipped because their gradients were not finite (fp16 overflow)
+    loss_scale: float = 1.0  # the fp16 loss scale at the end (1 in fp32 / bf16)
 
 
 def new_bank(host: Host, eps: float = 1e-8) -> Bank:
@@ -79,6 +87,30 @@ def denoising_loss(host: Host, noisy: Tensor, noise: Tensor, t: Tensor, prompts:
     cond = host.encode_text(prompts, embeddings)
     pred = host.predict_noise(noisy, t.to(host.device), cond)
     return F.mse_loss(pred.float(), noise.float())
+
+
+def twice_differentiable(host: Host) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context of the one pass differentiated twice: the host's attention kernel with double
+    backward, and fp32 normalisation when the model is half precision (precision.py)."""
+    def enter() -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        stack.enter_context(host.differentiable_attention())
+        if getattr(host, "dtype", torch.float32) in HALF:
+            stack.enter_context(Fp32Normalisation())
+        return stack
+    return enter
+
+
+def failure_message(host: Host, step: int, loss: float, scale: float) -> str:
+    """Why training stopped, with the advice that fits: divergence in fp32, overflow in half."""
+    dtype = getattr(host, "dtype", torch.float32)
+    if dtype in HALF:
+        name = str(dtype).removeprefix("torch.")
+        return (f"Training stopped at step {step}: the gradients were not finite in {name} for "
+                f"{MAX_FAILED_MINIBATCHES} minibatches in a row (loss {loss}, loss scale {scale:g}); "
+                "train in fp32 (or bf16), or lower the learning rates. The bank was left as it was.")
+    return (f"Training diverged at step {step} (loss {loss}); lower the learning rates. "
+            "The bank was left as it was.")
 
 
 def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, init_word: str,
@@ -119,12 +151,14 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
 
     project = (lambda grads: [projectors[n].project(g) for n, g in zip(names, grads)]) if constrained \
         else (lambda grads: list(grads))
-    solver = BilevelSolver(a0, b0, [emb0], project, cfg, host.differentiable_attention)
+    solver = BilevelSolver(a0, b0, [emb0], project, cfg, twice_differentiable(host),
+                           LossScale(getattr(host, "dtype", torch.float32)))
 
     latents = encode_dataset(host, pixels)
     alphas = host.alphas_cumprod()
     hook_layers = {n: all_layers[n] for n in set(names) | set(bank.layer_shapes()) if n in all_layers}
     losses: list[float] = []
+    failed_in_a_row = 0
     with LoRAHooks(hook_layers) as hooks:
         if bank.concepts:
             hooks.set_composed(bank.composed_factors())
@@ -140,24 +174,29 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
                 hooks.bind(dict(zip(names, a)), dict(zip(names, b)))
                 return denoising_loss(host, noisy, noise, t, prompts, {token: aux[0]})
 
+            skipped = 0
             for _ in range(settings.bilevel_iters):
                 if should_stop is not None and should_stop():
                     raise Interrupted("Training was interrupted; the bank was left as it was.")
                 result = solver.iterate(loss_fn)
-            if not (math.isfinite(result.loss) and is_finite(solver.a + solver.b + solver.aux)):
-                raise SeqLoRAError(f"Training diverged at step {step + 1} (loss {result.loss}); "
-                                   "lower the learning rates. The bank was left as it was.")
-            losses.append(result.loss)
+                skipped += result.skipped > 0
+            loss = float(result.loss)  # the one read-back per minibatch, for progress
+            failed_in_a_row = failed_in_a_row + 1 if (skipped == settings.bilevel_iters or not math.isfinite(loss)) else 0
+            if failed_in_a_row >= MAX_FAILED_MINIBATCHES:
+                raise SeqLoRAError(failure_message(host, step + 1, loss, solver.scale))
+            losses.append(loss)
             if progress is not None:
-                progress(step + 1, settings.steps, result.loss)
+                progress(step + 1, settings.steps, loss)
 
     b_final = [projectors[n].project(b.double()).float() if constrained else b
                for n, b in zip(names, solver.b)]  # one last exact projection against float32 drift
-    tail = losses[-max(1, len(losses) // 10):]
+    finite = [v for v in losses if math.isfinite(v)]
+    tail = finite[-max(1, len(finite) // 10):]
     concept = Concept(
         id=ident, token=token, init_word=init_word, rank=settings.rank, method=settings.method,
         A={n: a.detach().float().cpu() for n, a in zip(names, solver.a)},
         B={n: b.detach().float().cpu() for n, b in zip(names, b_final)},
-        embedding=solver.aux[0].detach().float().cpu(),
-        settings=asdict(settings), final_loss=sum(tail) / len(tail))
-    return TrainResult(bank.with_concept(concept), concept, losses, time.time() - start)
+        embedding=solver.embedding[0].detach().float().cpu(),
+        settings=asdict(settings), final_loss=sum(tail) / len(tail) if tail else None)
+    return TrainResult(bank.with_concept(concept), concept, losses, time.time() - start,
+                       solver.skipped_steps, solver.scale)
