@@ -91,6 +91,10 @@ TRAINING_SETTINGS: tuple[Setting, ...] = (
             "through all T inner steps", choices=("paper", "unrolled"), advanced=True),
     Setting("targets", str, "default", "Target layers",
             "default | full | comma-separated regular expressions over layer names", advanced=True),
+    Setting("memory", str, "default", "Memory",
+            "low: build the twice-differentiated graph only after A⁺ is known, so it is never held while "
+            "other passes run (lower peak, one extra forward and backward per iteration; seqlora with the "
+            "paper hypergradient)", choices=("default", "low"), advanced=True),
     Setting("eps", float, 1e-8, "Projector ε", "regularisation of the null-space projector (used by new banks only)",
             symbol="ε", min=0.0, max=1e-2, step=1e-9, advanced=True),
 )

@@ -171,3 +171,19 @@ def test_ctrl_c_leaves_the_bank_byte_identical(cli_bank, photos):
     assert proc.returncode == 130, seen + rest
     assert bank.read_bytes() == before
     assert not [p for p in bank.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_train_in_half_precision_with_low_memory(photos, tmp_path):
+    """--dtype fp16 --memory low trains on the CPU; the stored factors are fp32 and finite."""
+    from seqlora_core.bank.format import load_bank
+
+    bank = tmp_path / "half.safetensors"
+    token = next(iter(photos))
+    proc = cli("train", "--bank", bank, "--base", "tiny", "--dtype", "fp16", "--memory", "low", "--inner-steps", "1",
+               "--images", photos[token], "--token", token, *QUICK)
+    assert "trained" in proc.stdout
+    concept = load_bank(bank).concepts[0]
+    assert concept.settings["memory"] == "low"
+    factors = list(concept.A.values()) + list(concept.B.values())
+    assert all(t.dtype.is_floating_point and t.dtype.itemsize == 4 and t.isfinite().all() for t in factors)
+    assert any(t.abs().max() > 0 for t in concept.A.values())

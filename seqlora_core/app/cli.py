@@ -25,7 +25,7 @@ def _ids(text: str | None) -> list[str] | None:
 def _load_host(args):
     from ..hosts.diffusers_host import DiffusersHost
 
-    return DiffusersHost.load(args.base, args.device)
+    return DiffusersHost.load(args.base, args.device, getattr(args, "dtype", None))
 
 
 def _host_bank(args, path: Path):
@@ -80,9 +80,13 @@ def cmd_train(args) -> None:
             bar.close()
     result.bank.save(bank_path)
     orth = result.bank.max_orthogonality_error()
+    final = result.concept.final_loss
     print(f"trained {result.concept.token} ({result.concept.method}, rank {result.concept.rank}) in "
-          f"{result.seconds:.1f} s; final loss {result.concept.final_loss:.4f}; "
+          f"{result.seconds:.1f} s; final loss {'-' if final is None else f'{final:.4f}'}; "
           f"max orthogonality error {orth:.2e}; bank {bank_path} now holds {len(result.bank.concepts)} concept(s)")
+    if result.skipped_steps:
+        print(f"note: {result.skipped_steps} step(s) had non-finite gradients in {str(host.dtype).removeprefix('torch.')} "
+              f"and were skipped (loss scale now {result.loss_scale:g})", file=sys.stderr)
 
 
 def cmd_bank_info(args) -> None:
@@ -198,6 +202,8 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
 def _host_args(sp: argparse.ArgumentParser, with_resolution: bool = True) -> None:
     sp.add_argument("--base", required=True, help="tiny | sd15-random | PATH (diffusers folder or .safetensors)")
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    sp.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                    help="the model's precision (auto: fp16 on CUDA, fp32 on CPU); LoRA factors stay fp32")
     sp.add_argument("--allow-other-base", action="store_true", help="use a bank made for another base model")
     if with_resolution:  # train takes --resolution with the other training settings
         sp.add_argument("--resolution", type=int, default=None, help="pixels (default 512; 64 on tiny)")

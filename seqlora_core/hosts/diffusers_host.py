@@ -11,10 +11,27 @@ from .protocol import math_attention
 from .token_injection import TokenInjector
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The model's dtype: ``auto`` (or None) is fp16 on CUDA, as every host runs SD-1.5 there,
+    and fp32 on the CPU, where half-precision kernels are slow. The method's own tensors stay
+    fp32 whatever this is (``method/precision.py``)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        from ..errors import InputError
+        raise InputError(f"dtype must be auto, {', '.join(DTYPES)}; got '{name}'.")
+    return DTYPES[name]
 
 
 def canonical_text_name(name: str) -> str:
@@ -42,11 +59,9 @@ class DiffusersHost:
         self.tokens = TokenInjector(self.tokenizer, self.text_encoder.get_input_embeddings())
 
     @classmethod
-    def load(cls, base: str, device: str = "auto", dtype: torch.dtype | None = None) -> "DiffusersHost":
+    def load(cls, base: str, device: str = "auto", dtype: torch.dtype | str | None = None) -> "DiffusersHost":
         dev = resolve_device(device)
-        if dtype is None:
-            dtype = torch.float16 if dev.type == "cuda" else torch.float32
-        return cls(load_components(base), dev, dtype)
+        return cls(load_components(base), dev, resolve_dtype(dtype, dev))
 
     # -- protocol ----------------------------------------------------------------------------
     def architecture(self) -> str:

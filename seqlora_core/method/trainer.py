@@ -44,7 +44,7 @@ class Interrupted(SeqLoRAError):
 def bilevel_config(settings: TrainSettings) -> BilevelConfig:
     return BilevelConfig(method=settings.method, inner_steps=settings.inner_steps, lr_a=settings.lr_a,
                          lr_b=settings.lr_b, lr_embedding=settings.lr_embedding, optimizer=settings.optimizer,
-                         hypergradient=settings.hypergradient)
+                         hypergradient=settings.hypergradient, low_memory=settings.memory == "low")
 
 
 # A run stops when this many minibatches in a row had no finite commit (bilevel.py, D5).
