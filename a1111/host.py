@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from seqlora_core.hosts.protocol import math_attention
+from seqlora_core.hosts.protocol import frozen_parameters, math_attention
 from seqlora_core.hosts.naming import compvis_layers
 from seqlora_core.hosts.token_injection import TokenInjector
 
@@ -49,8 +49,10 @@ class A1111Host:
         return self.tokens.encode(self.text_encoder, prompts, embeddings, self.device)
 
     def encode_images(self, pixels: Tensor) -> Tensor:
+        # the VAE's own dtype: it may be fp32 beside a fp16 UNet (--no-half-vae or A1111's fallback)
+        vae_dtype = next(self.sd_model.first_stage_model.parameters()).dtype
         with torch.no_grad():
-            x = pixels.to(self.device, self.dtype)
+            x = pixels.to(self.device, vae_dtype)
             return self.sd_model.get_first_stage_encoding(self.sd_model.encode_first_stage(x)).float()
 
     def alphas_cumprod(self) -> Tensor:
@@ -59,6 +61,11 @@ class A1111Host:
     def predict_noise(self, noisy: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
         return self.unet(noisy.to(self.device, self.dtype), timesteps.to(self.device),
                          context=cond.to(self.device, self.dtype))
+
+    def frozen_weights(self) -> contextlib.AbstractContextManager:
+        """Entered by the trainer: no weight gradients (and no saved inputs for them) in A1111's
+        UNet and text encoder while a concept trains; their flags are restored after."""
+        return frozen_parameters(self.unet, self.text_encoder)
 
     def differentiable_attention(self) -> contextlib.AbstractContextManager:
         # A1111's SDP optimisation calls torch SDPA, which the math kernel makes twice

@@ -50,3 +50,17 @@ def test_model_dtype_defaults_and_names():
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(InputError, match="dtype must be"):
         resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_frozen_parameters_turns_weight_gradients_off_and_restores_them():
+    from seqlora_core.hosts.protocol import frozen_parameters
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[1].bias.requires_grad_(False)
+    before = [p.requires_grad for p in model.parameters()]
+    x = torch.randn(5, 3, requires_grad=True)
+    with frozen_parameters(model):
+        assert not any(p.requires_grad for p in model.parameters())
+        (g,) = torch.autograd.grad(model(x).sum(), x)  # gradients to inputs still flow
+        assert torch.isfinite(g).all()
+    assert [p.requires_grad for p in model.parameters()] == before

@@ -45,6 +45,24 @@ class Host(Protocol):
         """Context in which attention runs on a kernel that supports double backward."""
 
 
+@contextlib.contextmanager
+def frozen_parameters(*modules: nn.Module):
+    """Every parameter of ``modules`` with requires_grad off for the duration, restored after.
+
+    A host whose model keeps ``requires_grad`` on its weights (A1111 loads ldm's LatentDiffusion
+    as a trainable module) would make autograd save every Linear's and conv's input for a weight
+    gradient nobody uses; training only needs gradients to the LoRA factors and the embedding.
+    """
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def math_attention() -> contextlib.AbstractContextManager:
     """torch's scaled_dot_product_attention restricted to its composite (math) kernel.
 

@@ -159,7 +159,9 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
     hook_layers = {n: all_layers[n] for n in set(names) | set(bank.layer_shapes()) if n in all_layers}
     losses: list[float] = []
     failed_in_a_row = 0
-    with LoRAHooks(hook_layers) as hooks:
+    # hosts whose weights require grad (A1111) freeze them for the run: see hosts.protocol.frozen_parameters
+    frozen = getattr(host, "frozen_weights", contextlib.nullcontext)
+    with frozen(), LoRAHooks(hook_layers) as hooks:
         if bank.concepts:
             hooks.set_composed(bank.composed_factors())
         for step in range(settings.steps):
