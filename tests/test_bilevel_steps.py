@@ -64,3 +64,18 @@ def test_frozen_parameters_turns_weight_gradients_off_and_restores_them():
         (g,) = torch.autograd.grad(model(x).sum(), x)  # gradients to inputs still flow
         assert torch.isfinite(g).all()
     assert [p.requires_grad for p in model.parameters()] == before
+
+
+def test_batched_projection_equals_each_layers_projection():
+    from seqlora_core.method.projector import BatchedProjection, NullSpaceProjector
+
+    g = torch.Generator().manual_seed(1)
+    projectors = [NullSpaceProjector(12, [torch.randn(12, 3, generator=g)]) for _ in range(3)]
+    projectors.append(NullSpaceProjector(12, [torch.randn(12, 3, generator=g), torch.randn(12, 3, generator=g)]))
+    projectors.append(NullSpaceProjector(8))  # an empty layer: P = I
+    vs = [torch.randn(p.in_features, 2, generator=g, dtype=torch.float32) for p in projectors]
+    batched = BatchedProjection(projectors)(vs)
+    for p, v, out in zip(projectors, vs, batched):
+        assert out.dtype == v.dtype and torch.allclose(out, p.project(v), atol=1e-6, rtol=0)
+    assert not torch.allclose(batched[0], vs[0])  # the projection does something
+    assert torch.equal(batched[-1], vs[-1])

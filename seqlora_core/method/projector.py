@@ -116,3 +116,38 @@ def probably_orthogonal(bases: list[Tensor], tolerance: float, probes: int = 16,
     off_norm = float((full - diag).pow(2).sum(0).mean().sqrt())  # ≈ ‖O‖_F
     min_norm_sq = float(norm_sq.min())
     return min_norm_sq > 0 and 10.0 * off_norm <= tolerance * min_norm_sq
+
+
+class BatchedProjection:
+    """P v for every adapted layer at once: layers with the same (m, k) — in practice all of
+    them, since every concept adapts the same layers — share one batched matmul instead of a
+    Python loop of three small float64 matmuls per layer (≈ 64 layers at the default targets)."""
+
+    def __init__(self, projectors: list[NullSpaceProjector]):
+        self.projectors = projectors
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(projectors):
+            if p._basis is not None:
+                groups.setdefault((p.in_features, p.used), []).append(i)
+        self._groups = list(groups.values())
+        self._on: dict[str, list[tuple[list[int], Tensor, Tensor]]] = {}  # device → stacked (𝔅, G⁻¹)
+
+    def _groups_on(self, device: torch.device):
+        key = str(device)
+        if key not in self._on:  # stacked on the device only: no second host copy of a full bank
+            self._on[key] = [(idx, torch.stack([self.projectors[i]._basis.to(device) for i in idx]),
+                              torch.stack([self.projectors[i]._gram_inv.to(device) for i in idx]))
+                             for idx in self._groups]
+        return self._on[key]
+
+    def __call__(self, vs: list[Tensor]) -> list[Tensor]:
+        """[P_i v_i] for v_i of shape (m_i, r), in each v_i's dtype."""
+        out = list(vs)
+        if not vs:
+            return out
+        for idx, basis, gram_inv in self._groups_on(vs[0].device):  # basis (L, m, k), gram_inv (L, k, k)
+            v64 = torch.stack([vs[i] for i in idx]).to(torch.float64)  # (L, m, r)
+            projected = v64 - basis @ (gram_inv @ (basis.transpose(1, 2) @ v64))
+            for j, i in enumerate(idx):
+                out[i] = projected[j].to(vs[i].dtype)
+        return out

@@ -30,6 +30,7 @@ from ..errors import CapacityError, InputError, SeqLoRAError
 from ..bank.fingerprint import base_fingerprint
 from ..hosts.protocol import Host
 from .lora import LoRAHooks
+from .projector import BatchedProjection
 from .precision import HALF, Fp32Normalisation, LossScale
 from .targets import select_layers
 
@@ -149,8 +150,7 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
     a0 = [torch.zeros(targets[n].out_features, settings.rank, device=dev) for n in names]
     emb0 = host.init_embedding(init_word or "object").to(dev)
 
-    project = (lambda grads: [projectors[n].project(g) for n, g in zip(names, grads)]) if constrained \
-        else (lambda grads: list(grads))
+    project = BatchedProjection([projectors[n] for n in names]) if constrained else (lambda grads: list(grads))
     solver = BilevelSolver(a0, b0, [emb0], project, cfg, twice_differentiable(host),
                            LossScale(getattr(host, "dtype", torch.float32)))
 
