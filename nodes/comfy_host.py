@@ -95,7 +95,9 @@ class ComfyHost:
         self.unet = model.model.diffusion_model
         self.text = clip.cond_stage_model
         self.device = model.load_device
-        self.dtype = model.model.get_dtype()
+        # the compute dtype, as Comfy's own _apply_model picks it: fp8-stored weights compute in
+        # manual_cast_dtype, and feeding the UNet fp8 inputs would break
+        self.dtype = getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
         self._layers = compvis_layers(self.unet, self.text)
 
     # -- protocol ----------------------------------------------------------------------------

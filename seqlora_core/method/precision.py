@@ -44,8 +44,9 @@ class Fp32Normalisation(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _NORMS and isinstance(args[0], Tensor) and args[0].dtype in HALF:
-            dtype = args[0].dtype
+        tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)]
+        if func in _NORMS and tensors and any(t.dtype in HALF for t in tensors):
+            dtype = tensors[0].dtype  # the input's: ldm's GroupNorm32 passes x.float() with half weights
             out = func(*(_up(a) for a in args), **{k: _up(v) for k, v in kwargs.items()})
             return out.to(dtype)
         return func(*args, **kwargs)

@@ -166,15 +166,15 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
             hooks.set_composed(bank.composed_factors())
         for step in range(settings.steps):
             idx = torch.randint(len(latents), (settings.batch_size,), generator=gen)
-            t = torch.randint(len(alphas), (settings.batch_size,), generator=gen)
+            t = torch.randint(len(alphas), (settings.batch_size,), generator=gen).to(dev)  # on the device once per minibatch
             noise = torch.randn((settings.batch_size, *latents.shape[1:]), generator=gen).to(dev)
-            noisy = noisy_batch(latents, alphas, idx.to(dev), noise, t.to(dev))
+            noisy = noisy_batch(latents, alphas, idx.to(dev), noise, t)
             picks = torch.randint(len(PROMPT_TEMPLATES), (settings.batch_size,), generator=gen)
             prompts = [PROMPT_TEMPLATES[int(i)].format(token) for i in picks]
 
-            def loss_fn(a, b, aux):
+            def loss_fn(a, b, embedding):
                 hooks.bind(dict(zip(names, a)), dict(zip(names, b)))
-                return denoising_loss(host, noisy, noise, t, prompts, {token: aux[0]})
+                return denoising_loss(host, noisy, noise, t, prompts, {token: embedding[0]})
 
             skipped = 0
             for _ in range(settings.bilevel_iters):
