@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=None, help="default 512 (64 on tiny)")
     p.add_argument("--steps", type=int, default=200, help="minibatches (the CLI's default)")
     p.add_argument("--method", default="seqlora")
-    p.add_argument("--low-memory", action="store_true")
+    p.add_argument("--low-memory", action="store_true", help="train with memory=low (bilevel D6)")
     p.add_argument("--images", type=int, default=4, help="how many scikit-image photos of one concept")
     p.add_argument("--workdir", default=str(ROOT / "out" / "bench"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -65,7 +65,7 @@ def main() -> None:
     else:
         base_mb = rss_mb()
     settings = TrainSettings(method=args.method, rank=4, steps=args.steps, bilevel_iters=3, inner_steps=2,
-                             resolution=resolution, low_memory=args.low_memory)
+                             resolution=resolution, memory="low" if args.low_memory else "default")
     start = time.perf_counter()
     result = train_concept(host, None, pixels, "<bench>", "dog", settings)
     if cuda:

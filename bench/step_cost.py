@@ -65,7 +65,8 @@ def child(args) -> dict:
         cpu_stamps.append(time.process_time())  # CPU seconds of this process: less sensitive to a busy machine
 
     settings = TrainSettings(method=args.method, steps=args.steps + 1, bilevel_iters=1, inner_steps=2,
-                             resolution=args.resolution, lr_a=1e-4, lr_b=1e-4, low_memory=args.low_memory)
+                             resolution=args.resolution, lr_a=1e-4, lr_b=1e-4,
+                             memory="low" if args.low_memory else "default")
     start, cpu_start = time.perf_counter(), time.process_time()
     train_concept(host, None, pixels, "<bench>", "dog", settings, progress)
     times = [b - a for a, b in zip([start] + stamps, stamps)][1:]  # drop the warm-up step
@@ -86,7 +87,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per method (after one warm-up)")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    p.add_argument("--low-memory", action="store_true", help="seqlora: build the kept graph after A+ (bilevel D6)")
+    p.add_argument("--low-memory", action="store_true", help="seqlora: train with memory=low (the kept graph built after A+, bilevel D6)")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
     p.add_argument("--child", dest="method", default=None)
     p.add_argument("--workdir", default=str(ROOT / "out" / "bench"))
