@@ -7,6 +7,7 @@ import { api } from "../../scripts/api.js";
 
 const PANEL_NODES = new Set([
   "SeqLoRATrainConcept", "SeqLoRALoadBasisBank", "SeqLoRASaveBasisBank", "SeqLoRABasisBankInfo",
+  "SeqLoRAMergeBasisBanks",
 ]);
 
 function el(tag, style = {}, text = "") {
@@ -39,6 +40,15 @@ function renderBank(panel, data) {
     });
     bar.append(fill);
     box.append(label, bar);
+    if (w.leased_width) {
+      box.append(el("div", { opacity: 0.7 }, `… ${w.leased_width} input dimensions leased out`));
+    }
+  }
+  for (const l of data.leases || []) {
+    const row = el("div", { opacity: l.returned ? 0.6 : 0.9 },
+      `lease ${l.name}: ${l.used} / ${l.concepts} concepts of rank ${l.rank}, ${l.returned ? "returned" : "out"}`);
+    row.className = "seqlora-lease";
+    box.append(row);
   }
 }
 

@@ -158,6 +158,28 @@ class BasisBankInfo(io.ComfyNode):
         return io.NodeOutput(text, ui=_bank_ui(bank, text))
 
 
+class MergeBasisBanks(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SeqLoRAMergeBasisBanks", display_name="Merge Basis Banks", category=CATEGORY,
+            description="Merge banks of one base: returned leases exactly; copies extended apart are refused "
+                        "unless rebase is on (later concepts made orthogonal, their A refitted).",
+            inputs=[BasisBank.Input("bank_1"), BasisBank.Input("bank_2"),
+                    BasisBank.Input("bank_3", optional=True), BasisBank.Input("bank_4", optional=True),
+                    io.Boolean.Input("rebase", default=False),
+                    io.String.Input("renames", default="", tooltip="old=new, … for an id two banks hold with different contents")],
+            outputs=[BasisBank.Output(display_name="bank"), io.String.Output(display_name="info")],
+        )
+
+    @classmethod
+    def execute(cls, bank_1, bank_2, rebase, renames, bank_3=None, bank_4=None):
+        banks = [b for b in (bank_1, bank_2, bank_3, bank_4) if b is not None]
+        bank, report = operations.merge(banks, rebase, renames)
+        text = report + "\n" + operations.info_text(bank)
+        return io.NodeOutput(bank, text, ui=_bank_ui(bank, text))
+
+
 class ComposeConcepts(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -240,6 +262,6 @@ class DrawKeypose(io.ComfyNode):
         return io.NodeOutput(torch.from_numpy(image)[None])
 
 
-NODES = [TrainConcept, LoadBasisBank, SaveBasisBank, BasisBankInfo, ComposeConcepts, RegionalConcepts, DrawKeypose]
+NODES = [TrainConcept, LoadBasisBank, SaveBasisBank, BasisBankInfo, MergeBasisBanks, ComposeConcepts, RegionalConcepts, DrawKeypose]
 NODE_CLASS_MAPPINGS = {n.define_schema().node_id: n for n in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {n.define_schema().node_id: n.define_schema().display_name for n in NODES}

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from seqlora_core.bank.format import Bank, load_bank
+from seqlora_core.bank.lock import BankSession
+from seqlora_core.bank.merge import merge_banks, parse_renames
 from seqlora_core.errors import BankError, InputError
 from seqlora_core.bank.export import lora_state_dict
 from seqlora_core.bank.fingerprint import base_fingerprint
@@ -94,8 +96,33 @@ def save_bank_file(bank: Bank, name: str, overwrite: bool = False) -> str:
     while path.exists() and not overwrite:
         path = folder / f"{name}_{counter:05d}.safetensors"
         counter += 1
-    bank.save(path)
+    # under the bank's lock; a bank on disk holding a concept this one lacks (another workflow or
+    # the tab appended meanwhile) is kept, and this one goes to a pending file beside it
+    with BankSession(path, purpose="ComfyUI Save Basis Bank") as session:
+        if session.bank is None or _keeps(bank, session.bank):
+            bank.save(path)
+        else:
+            session.write_pending(bank, "this bank")
     return path.name
+
+
+def _keeps(bank: Bank, disk: Bank) -> bool:
+    """Whether writing ``bank`` keeps every concept and outstanding lease of ``disk``."""
+    ours = {(c.id, c.hash) for c in bank.concepts}
+    return all((c.id, c.hash) in ours for c in disk.concepts) and \
+        {l.id for l in disk.active_leases} <= {l.id for l in bank.leases}
+
+
+def merge(banks: list[Bank], rebase: bool, renames_text: str) -> tuple[Bank, str]:
+    """The Merge Basis Banks node: the core merge, and a report of what it did."""
+    renames = parse_renames([p.strip() for p in renames_text.split(",") if p.strip()])
+    result = merge_banks(banks, [f"bank {i + 1}" for i in range(len(banks))], rebase, renames)
+    lines = [f"merged {len(banks)} banks: {len(result.bank.concepts)} concept(s)"]
+    lines += [f"renamed {old} -> {new}" for old, new in result.renamed]
+    lines += [f"left out {i} (removed in an input's history)" for i in result.dropped]
+    lines += [f"rebased {i}: relative residual change {c:.4f}" for i, c in result.rebased]
+    lines += [f"lease {i} returned" for i in result.returned]
+    return result.bank, "\n".join(lines)
 
 
 def bank_tokens() -> dict[str, list[str]]:
@@ -124,6 +151,10 @@ def info_text(bank: Bank) -> str:
     if summary["fullest"]:
         f = summary["fullest"]
         lines.append(f"{len(summary['layers'])} layers; fullest {f['name']} holds {f['used']}/{f['capacity']}")
+    for lease in summary["leases"]:
+        state = "returned" if lease["returned"] else "out"
+        lines.append(f"lease {lease['name']} ({lease['id']}): {lease['used']}/{lease['concepts']} concepts "
+                     f"of rank {lease['rank']}, {state}")
     lines.append(f"max orthogonality error {summary['max_orthogonality_error']:.2e}")
     return "\n".join(lines)
 
@@ -132,7 +163,8 @@ def panel_data(bank: Bank) -> dict:
     """What the js bank panel draws: concepts and capacity per layer width."""
     summary = bank.summary()
     return {"concepts": [{k: c[k] for k in ("id", "token", "method", "rank")} for c in summary["concepts"]],
-            "widths": summary["widths"], "orthogonality": summary["max_orthogonality_error"]}
+            "widths": summary["widths"], "leases": summary["leases"],
+            "orthogonality": summary["max_orthogonality_error"]}
 
 
 def compose(model, clip, bank: Bank, ids: list[str], strengths: dict[str, float]):

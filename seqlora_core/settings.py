@@ -97,6 +97,9 @@ TRAINING_SETTINGS: tuple[Setting, ...] = (
             "paper hypergradient)", choices=("default", "low"), advanced=True),
     Setting("eps", float, 1e-8, "Projector ε", "regularisation of the null-space projector (used by new banks only)",
             symbol="ε", min=0.0, max=1e-2, step=1e-9, advanced=True),
+    Setting("stats_q", int, 8, "Activation eigenpairs",
+            "top eigenpairs of each layer's input second moment stored with the concept (for merge rebases "
+            "and interference); 0 stores none", symbol="q", min=0, max=64, advanced=True),
 )
 SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in TRAINING_SETTINGS}
 

@@ -4,7 +4,9 @@
 with its own host; ``python -m seqlora_ui`` serves it standalone on the diffusers host (``standalone.py``).
 Only plain components and ``.click`` are used, so the same code runs on the gradio A1111 ships
 (3.41) and on current gradio. Every error shows in the page as one sentence; the bank file is
-only replaced (atomically) after a training succeeds.
+only replaced (atomically) after a training succeeds, by a writer holding the bank's lock
+(``seqlora_core.bank.lock``): a second Train click or browser tab is refused while one trains, and
+a bank changed meanwhile is never overwritten (the result goes to a pending file beside it).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from seqlora_core.bank.format import Bank, load_bank
+from seqlora_core.bank.lock import BankSession
 from seqlora_core.settings import SETTINGS_BY_NAME, TRAINING_SETTINGS, Setting, train_settings
 from seqlora_core.errors import InputError, SeqLoRAError
 from seqlora_core.app.plot import loss_curve_image
@@ -73,6 +76,12 @@ def capacity_html(bank: Bank | None) -> str:
                      f"<div style='background:#ddd;height:8px;border-radius:4px'>"
                      f"<div class='seqlora-bar' style='background:#4a8;height:8px;border-radius:4px;width:{pct:.1f}%'>"
                      f"</div></div></div>")
+        if w.get("leased_width"):
+            parts.append(f"<div>… of which {w['leased_width']} input dimensions are leased out</div>")
+    for lease in summary["leases"]:
+        state = "returned" if lease["returned"] else "out"
+        parts.append(f"<div class='seqlora-lease'>lease {html.escape(lease['name'])} ({lease['id']}): "
+                     f"{lease['used']} / {lease['concepts']} concepts of rank {lease['rank']}, {state}</div>")
     parts.append("</div>")
     return "".join(parts)
 
@@ -138,7 +147,7 @@ class TabActions:
             settings = train_settings(dict(zip(SETTINGS_BY_NAME, setting_values)))
             pixels = load_images([_path(f) for f in files], settings.resolution)
             host = self.session.host()
-            bank = self.session.bank()
+            self.session.bank()  # a damaged bank is reported before anything starts
         except SeqLoRAError as exc:
             yield _error(exc), None, None
             return
@@ -152,10 +161,12 @@ class TabActions:
 
         def work():
             try:
-                with self.session.job():
-                    result = train_concept(host, bank, pixels, token, init_word, settings, progress=progress,
+                # the bank is read under its lock, which is held until the result is written
+                with BankSession(self.session.bank_path, purpose="training in the SeqLoRA tab") as locked, \
+                        self.session.job():
+                    result = train_concept(host, locked.bank, pixels, token, init_word, settings, progress=progress,
                                            should_stop=self.session.should_stop)
-                result.bank.save(self.session.bank_path)
+                    locked.commit(result.bank, what=f"the bank with {result.concept.token}")
                 events.put(("done", result))
             except Exception as exc:  # shown in the page; the bank file is untouched
                 events.put(("error", exc))
@@ -203,14 +214,50 @@ class TabActions:
 
     def remove(self, ident):
         try:
-            bank = self.session.bank()
-            if bank is None or not ident:
-                raise InputError("Choose a concept to remove.")
-            bank.without(ident).save(self.session.bank_path)
+            with BankSession(self.session.bank_path, purpose="removing in the SeqLoRA tab") as locked:
+                if locked.bank is None or not ident:
+                    raise InputError("Choose a concept to remove.")
+                locked.commit(locked.bank.without(ident), removed={ident}, what=f"the bank without {ident}")
             msg = f"removed {html.escape(ident)}"
         except SeqLoRAError as exc:
             msg = _error(exc)
         return (msg, *self.refresh())
+
+    def merge_in(self, upload, path_text, rebase):
+        """Merge a second bank (uploaded or by path) into the open one."""
+        from seqlora_core.bank.merge import merge_files
+
+        try:
+            other = _path(upload) if upload is not None else (path_text or "").strip()
+            if not other:
+                raise InputError("Upload a bank or give its path to merge it in.")
+            path = self.session.bank_path
+            result = merge_files(path, [path, Path(other).expanduser()], bool(rebase))
+            notes = [f"rebased {html.escape(i)} (relative residual change {c:.3f})" for i, c in result.rebased]
+            notes += [f"lease {html.escape(i)} returned" for i in result.returned]
+            msg = (f"<span class='seqlora-ok'>merged: {len(result.bank.concepts)} concept(s)"
+                   f"{'; ' + '; '.join(notes) if notes else ''}</span>")
+        except SeqLoRAError as exc:
+            msg = _error(exc)
+        return (msg, *self.refresh())
+
+    def lease_out(self, name, count, rank_value):
+        """Lease room for ``count`` concepts to someone; the lease file is offered for download."""
+        import re
+        import time
+
+        from seqlora_core.bank.lease import lease_to_file
+
+        try:
+            slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name or "lease").strip("-")[:40] or "lease"
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            out = self.session.export_dir / f"{self.session.bank_path.stem}.lease-{slug}-{stamp}.safetensors"
+            lease = lease_to_file(self.session.bank_path, out, name or "", int(count or 0), int(rank_value or 0))
+            msg = (f"<span class='seqlora-ok'>leased room for {lease.concepts} concept(s) of rank {lease.rank} to "
+                   f"{html.escape(lease.name)}; send them {html.escape(out.name)} and merge it back when done</span>")
+            return (msg, str(out), *self.refresh())
+        except SeqLoRAError as exc:
+            return (_error(exc), None, *self.refresh())
 
     def compose(self, ids, strengths_text, prompt):
         try:
@@ -270,6 +317,17 @@ def build_tab(session: TabSession):
                 remove_id = gr.Dropdown(label="Concept", choices=[])
                 remove_btn = gr.Button("Remove concept")
                 refresh_btn = gr.Button("Refresh", elem_id="seqlora_refresh")
+            with gr.Row():
+                merge_upload = gr.File(label="Merge in a bank or returned lease (upload)", file_count="single")
+                merge_path = gr.Textbox(label="…or its path", elem_id="seqlora_merge_path")
+                merge_rebase = gr.Checkbox(label="Rebase concepts trained apart without a lease", value=False)
+                merge_btn = gr.Button("Merge", elem_id="seqlora_merge")
+            with gr.Row():
+                lease_name = gr.Textbox(label="Lease to (name)", elem_id="seqlora_lease_name")
+                lease_count = gr.Number(label="Concepts", value=4, precision=0)
+                lease_rank = gr.Number(label="Rank", value=4, precision=0)
+                lease_btn = gr.Button("Lease", elem_id="seqlora_lease")
+                lease_file = gr.File(label="Lease file", interactive=False)
         with gr.Tab("Compose"):
             compose_ids = gr.CheckboxGroup(label="Concepts", choices=[], elem_id="seqlora_compose_ids")
             strengths = gr.Textbox(label="Strengths (id:0.8, …; default 1)", value="")
@@ -287,6 +345,8 @@ def build_tab(session: TabSession):
         open_btn.click(actions.open_bank, [bank_path, upload], [bank_status, *listing])
         remove_btn.click(actions.remove, [remove_id], [bank_status, *listing])
         refresh_btn.click(actions.refresh, None, listing)
+        merge_btn.click(actions.merge_in, [merge_upload, merge_path, merge_rebase], [bank_status, *listing])
+        lease_btn.click(actions.lease_out, [lease_name, lease_count, lease_rank], [bank_status, lease_file, *listing])
         preview_btn.click(actions.compose, [compose_ids, strengths, prompt], [compose_status, preview])
         export_btn.click(actions.export, [compose_ids], [compose_status, exported])
         tab.load(actions.refresh, None, listing)

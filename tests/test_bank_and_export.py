@@ -23,22 +23,28 @@ def test_bank_round_trip(stream_bank, tmp_path):
         assert torch.equal(a.embedding, b.embedding)
 
 
-def test_bank_file_layout_is_format_v1(stream_bank, tmp_path):
+def test_bank_file_layout_is_format_v2(stream_bank, tmp_path):
     path = tmp_path / "bank.safetensors"
     stream_bank.save(path)
     with safe_open(str(path), framework="pt") as f:
         meta, keys = f.metadata(), list(f.keys())
-    assert meta["format"] == "seqlora.bank" and meta["format_version"] == "1"
+    assert meta["format"] == "seqlora.bank" and meta["format_version"] == "2"
     concepts = json.loads(meta["concepts"])
     for entry in concepts:
-        for field in ("id", "token", "init_word", "rank", "method", "created", "settings", "final_loss"):
+        for field in ("id", "token", "init_word", "rank", "method", "created", "settings", "final_loss",
+                      "hash", "author", "lease"):
             assert field in entry
+        assert len(entry["hash"]) == 64
+    assert json.loads(meta["leases"]) == [] and meta["lease"] == ""
+    assert [h["action"] for h in json.loads(meta["history"])] == ["append"] * 3
     assert json.loads(meta["base"])["architecture"] == "sd15-tiny"
     assert float(meta["eps"]) == 1e-8
     c = concepts[0]["id"]
     assert f"concept.{c}.A.unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k" in keys
     assert f"concept.{c}.B.text_encoder.text_model.encoder.layers.0.self_attn.k_proj" in keys
     assert f"concept.{c}.embedding" in keys
+    layer = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    assert f"concept.{c}.stats.values.{layer}" in keys and f"concept.{c}.stats.vectors.{layer}" in keys
 
 
 def _rewrite(src, dst, tensors_fn=None, meta_fn=None):
@@ -58,7 +64,7 @@ def _first(tensors, part):
 
 CORRUPTIONS = {
     "not a bank": (None, lambda m: m.update(format="something")),
-    "version": (None, lambda m: m.update(format_version="2")),
+    "version": (None, lambda m: m.update(format_version="3")),
     "non-finite": (lambda t: t[_first(t, "A")].__setitem__((0, 0), float("nan")), None),
     "shape": (lambda t: t.__setitem__(_first(t, "B"), torch.zeros(3, 4)), None),
     "rank": (lambda t: t.__setitem__(_first(t, "A"), torch.zeros(t[_first(t, "A")].shape[0], 2)), None),
@@ -120,3 +126,18 @@ def test_remove_keeps_the_others(stream_bank, tmp_path):
     smaller.save(path)
     assert [c.id for c in load_bank(path).concepts] == [c.id for c in stream_bank.concepts[1:]]
     assert isinstance(smaller, Bank) and len(stream_bank.concepts) == 3
+
+
+def test_v1_fixture_written_before_format_2_still_loads(tmp_path):
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "data" / "bank_v1.safetensors"
+    with safe_open(str(fixture), framework="pt") as f:
+        assert f.metadata()["format_version"] == "1"
+    bank = load_bank(fixture)
+    assert [c.id for c in bank.concepts] == ["chelsea", "coffee"]
+    assert all(c.stats is None and c.author is None and c.lease is None and len(c.hash) == 64 for c in bank.concepts)
+    assert bank.leases == [] and bank.history == [] and bank.max_orthogonality_error() < 1e-6
+    bank.save(tmp_path / "v2.safetensors")  # upgrading writes version 2 with the same tensors
+    again = load_bank(tmp_path / "v2.safetensors")
+    assert [c.hash for c in again.concepts] == [c.hash for c in bank.concepts]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nodes.operations import info_text, panel_data
+from nodes.operations import info_text, merge, panel_data
 from nodes.concept_tokenizer import PREFIX, ConceptTokenizer
 from seqlora_core.errors import InputError
 
@@ -69,6 +69,30 @@ def test_selection_parsing(stream_bank):
 def test_panel_data_and_info(stream_bank):
     data = panel_data(stream_bank)
     assert [c["id"] for c in data["concepts"]] == [c.id for c in stream_bank.concepts]
-    assert data["widths"] == [{"width": 64, "layers": 48, "used": 3, "capacity": 16}]
+    assert data["widths"] == [{"width": 64, "layers": 48, "used": 3, "capacity": 16, "leased_width": 0}]
+    assert data["leases"] == []
     assert data["orthogonality"] < 1e-6
     assert "3 concept(s)" in info_text(stream_bank)
+
+
+def test_merge_node_refuses_forks_then_rebases_and_shows_leases(stream_bank):
+    from dataclasses import replace
+
+    from seqlora_core.bank.lease import grant
+    from seqlora_core.errors import BankError
+
+    base = stream_bank.without(stream_bank.concepts[-1].id)
+    last = stream_bank.concepts[-1]
+    gen = torch.Generator().manual_seed(5)
+    other = replace(last, id="other", token="<other>", hash="", created="9999",
+                    B={n: torch.linalg.qr(torch.randn(*b.shape, generator=gen))[0] for n, b in last.B.items()})
+    fork = base.with_concept(other)
+    with pytest.raises(BankError, match="overlap"):
+        merge([stream_bank, fork], False, "")
+    bank, report = merge([stream_bank, fork], True, "")
+    assert "rebased other: relative residual change" in report
+    assert bank.max_orthogonality_error() < 1e-6 and len(bank.concepts) == 4
+    leased = bank.with_lease(grant(bank, "alice", 2, 4, seed=0))
+    assert panel_data(leased)["leases"][0]["name"] == "alice"
+    assert panel_data(leased)["widths"][0]["leased_width"] == 8
+    assert "lease alice" in info_text(leased)

@@ -36,7 +36,7 @@ def test_the_command_line_offers_every_setting():
     given = {"method": "alternating", "rank": 2, "steps": 7, "bilevel_iters": 1, "inner_steps": 3,
              "resolution": 128, "lr_a": 0.5, "lr_b": 0.25, "lr_embedding": 0.125, "seed": 9,
              "batch_size": 2, "optimizer": "sgd", "hypergradient": "unrolled", "memory": "low", "targets": "full",
-             "eps": 1e-6}
+             "eps": 1e-6, "stats_q": 3}
     assert set(given) == set(SETTINGS_BY_NAME)  # a new setting must be added to this test too
     args = parser.parse_args(argv + [x for s in TRAINING_SETTINGS for x in (s.flag, str(given[s.name]))])
     assert train_settings({s.name: getattr(args, s.name) for s in TRAINING_SETTINGS}) == TrainSettings(**given)

@@ -46,44 +46,50 @@ def default_resolution(host) -> int:
 def cmd_train(args) -> None:
     from tqdm.auto import tqdm
 
-    from ..bank.format import Bank, load_bank
+    from ..bank.format import Bank
     from ..bank.fingerprint import base_fingerprint
+    from ..bank.lock import BankSession
+    from ..bank.provenance import author_or_env
     from .images import load_images
     from ..method.trainer import new_bank, train_concept
 
     bank_path = Path(args.bank)
-    bank = load_bank(bank_path) if bank_path.exists() else None
-    (bank or Bank({})).check_new_token(args.token)  # before the model loads
-    host = _load_host(args)
-    if bank is None:
-        bank = new_bank(host, train_settings({"eps": args.eps}).eps)
-    else:
-        bank.check_base(host.architecture(), base_fingerprint(host.linear_layers()), args.allow_other_base)
-        if args.allow_other_base:
-            bank.base["fingerprint"] = base_fingerprint(host.linear_layers())
-    given = {s.name: getattr(args, s.name) for s in TRAINING_SETTINGS}
-    settings = train_settings({**given, "eps": bank.eps,
-                               "resolution": args.resolution or default_resolution(host)})
-    pixels = load_images(args.images, settings.resolution)
-    bars = []  # opened at the first finished step, so an input error prints no empty bar
+    # the bank is read under its lock, held until the result is written (no lost concept)
+    with BankSession(bank_path, args.wait, f"training {args.token}") as session:
+        bank = session.bank
+        (bank or Bank({})).check_new_token(args.token)  # before the model loads
+        host = _load_host(args)
+        if bank is None:
+            bank = new_bank(host, train_settings({"eps": args.eps}).eps)
+        else:
+            bank.check_base(host.architecture(), base_fingerprint(host.linear_layers()), args.allow_other_base)
+            if args.allow_other_base:
+                bank.base["fingerprint"] = base_fingerprint(host.linear_layers())
+        given = {s.name: getattr(args, s.name) for s in TRAINING_SETTINGS}
+        settings = train_settings({**given, "eps": bank.eps,
+                                   "resolution": args.resolution or default_resolution(host)})
+        pixels = load_images(args.images, settings.resolution)
+        bars = []  # opened at the first finished step, so an input error prints no empty bar
 
-    def progress(step, total, loss):
-        if not bars:
-            bars.append(tqdm(total=total, desc=f"training {args.token}", unit="step", file=sys.stderr))
-        bars[0].update(1)
-        bars[0].set_postfix(loss=f"{loss:.4f}")
+        def progress(step, total, loss):
+            if not bars:
+                bars.append(tqdm(total=total, desc=f"training {args.token}", unit="step", file=sys.stderr))
+            bars[0].update(1)
+            bars[0].set_postfix(loss=f"{loss:.4f}")
 
-    try:
-        result = train_concept(host, bank, pixels, args.token, args.init_word, settings, progress)
-    finally:
-        for bar in bars:
-            bar.close()
-    result.bank.save(bank_path)
+        try:
+            result = train_concept(host, bank, pixels, args.token, args.init_word, settings, progress,
+                                   author=author_or_env(args.author))
+        finally:
+            for bar in bars:
+                bar.close()
+        session.commit(result.bank, what=f"the bank with {result.concept.token}")
     orth = result.bank.max_orthogonality_error()
     final = result.concept.final_loss
+    where = f" (lease {result.bank.confinement.name})" if result.bank.confined_to else ""
     print(f"trained {result.concept.token} ({result.concept.method}, rank {result.concept.rank}) in "
           f"{result.seconds:.1f} s; final loss {'-' if final is None else f'{final:.4f}'}; "
-          f"max orthogonality error {orth:.2e}; bank {bank_path} now holds {len(result.bank.concepts)} concept(s)")
+          f"max orthogonality error {orth:.2e}; bank {bank_path}{where} now holds {len(result.bank.concepts)} concept(s)")
     if result.skipped_steps:
         print(f"note: {result.skipped_steps} step(s) had non-finite gradients in {str(host.dtype).removeprefix('torch.')} "
               f"and were skipped (loss scale now {result.loss_scale:g})", file=sys.stderr)
@@ -97,26 +103,79 @@ def cmd_bank_info(args) -> None:
         print(json.dumps(summary))
         return
     print(f"base: {summary['base'].get('architecture')} (fingerprint {summary['base'].get('fingerprint')}), eps {summary['eps']:g}")
+    if summary["lease_file_of"]:
+        print(f"lease file of lease {summary['lease_file_of']}: new concepts go inside the lease")
     print(f"{len(summary['concepts'])} concept(s):")
     for c in summary["concepts"]:
         loss = f"{c['final_loss']:.4f}" if isinstance(c["final_loss"], (int, float)) else "-"
-        print(f"  {c['id']:<20} {c['token']:<22} rank {c['rank']}  {c['method']:<13} loss {loss}  {c['created']}")
+        extra = "".join([f"  by {c['author']}" if c["author"] else "", f"  lease {c['lease']}" if c["lease"] else ""])
+        print(f"  {c['id']:<20} {c['token']:<22} rank {c['rank']}  {c['method']:<13} loss {loss}  "
+              f"{c['created']}  {c['hash'][:12]}{extra}")
     fullest = summary["fullest"]
     if fullest:
         print(f"{len(summary['layers'])} adapted layer(s); the fullest, {fullest['name']} "
               f"({fullest['in_features']} wide), holds {fullest['used']} of {fullest['capacity']} concepts")
         for w in summary["widths"]:
             bar = "#" * round(20 * w["used"] / max(w["capacity"], 1))
-            print(f"  {w['layers']:>4} layer(s) of width {w['width']:<5} [{bar:<20}] {w['used']}/{w['capacity']}")
+            leased = f", {w['leased_width']} dims leased out" if w["leased_width"] else ""
+            print(f"  {w['layers']:>4} layer(s) of width {w['width']:<5} [{bar:<20}] {w['used']}/{w['capacity']}{leased}")
+    for lease in summary["leases"]:
+        state = f"returned {lease['returned']}" if lease["returned"] else "out"
+        print(f"lease {lease['id']} ({lease['name']}): {lease['concepts']} x rank {lease['rank']}, "
+              f"{lease['used']} used, {state}")
     print(f"max orthogonality error: {summary['max_orthogonality_error']:.2e}")
+    if summary["history"]:
+        print("history:")
+        for e in summary["history"][-args.history:]:
+            ids = ", ".join(f"{c['id']} {c['hash'][:8]}" for c in e["concepts"])
+            extra = "  ".join(str(e[k]) for k in ("lease", "author", "note") if e.get(k))
+            print(f"  {e['time']}  {e['action']:<7} {ids}  {extra}".rstrip())
 
 
 def cmd_bank_remove(args) -> None:
-    from ..bank.format import load_bank
+    from ..bank.lock import BankSession
+    from ..bank.provenance import author_or_env
+    from ..errors import BankError
 
-    bank = load_bank(args.file)
-    bank.without(args.concept).save(args.file)
+    with BankSession(args.file, args.wait, f"removing {args.concept}") as session:
+        if session.bank is None:
+            raise BankError(f"Bank file {args.file} does not exist.")
+        session.commit(session.bank.without(args.concept, author_or_env(args.author)), removed={args.concept},
+                       what=f"the bank without {args.concept}")
     print(f"removed {args.concept} from {args.file}")
+
+
+def cmd_bank_lease(args) -> None:
+    from ..bank.lease import lease_to_file
+    from ..bank.provenance import author_or_env
+
+    lease = lease_to_file(args.file, args.out, args.name, args.concepts, args.rank, args.wait,
+                          author_or_env(args.author), args.seed)
+    print(f"leased {lease.width} input dimensions of each of {len(lease.blocks)} layers to {lease.name} "
+          f"(lease {lease.id}: {lease.concepts} concept(s) of rank {lease.rank}); wrote {args.out}; "
+          f"train with --bank {args.out}, then: python -m seqlora_core bank merge --out {args.file} {args.file} {args.out}")
+
+
+def cmd_bank_merge(args) -> None:
+    import time
+
+    from ..bank.merge import merge_files, parse_renames
+    from ..bank.provenance import author_or_env
+
+    start = time.perf_counter()
+    result = merge_files(args.out, args.banks, args.rebase, parse_renames(args.rename or []), args.wait,
+                         author_or_env(args.author))
+    seconds = time.perf_counter() - start
+    for old, new in result.renamed:
+        print(f"renamed {old} -> {new}")
+    for ident in result.dropped:
+        print(f"left out {ident}: an input's history records its removal")
+    for ident, change in result.rebased:
+        print(f"rebased {ident}: relative residual change {change:.4f}")
+    for ident in result.returned:
+        print(f"lease {ident} returned")
+    print(f"merged {len(args.banks)} banks into {args.out}: {len(result.bank.concepts)} concept(s), "
+          f"max orthogonality error {result.bank.max_orthogonality_error():.2e}, {seconds:.2f} s")
 
 
 def cmd_export(args) -> None:
@@ -217,7 +276,14 @@ def _add_train(sub) -> None:
     t.add_argument("--token", required=True, help='e.g. "<astro>"')
     t.add_argument("--init-word", default="object")
     add_setting_flags(t)
+    _writer_args(t)
     t.set_defaults(func=cmd_train)
+
+
+def _writer_args(sp: argparse.ArgumentParser) -> None:
+    """Flags of every command that changes a bank (it holds the bank's lock meanwhile)."""
+    sp.add_argument("--wait", action="store_true", help="wait for another process changing the bank instead of stopping")
+    sp.add_argument("--author", default=None, help="recorded with new concepts and in the history (default: $SEQLORA_AUTHOR)")
 
 
 def _add_bank(sub) -> None:
@@ -226,11 +292,29 @@ def _add_bank(sub) -> None:
     bi = bsub.add_parser("info")
     bi.add_argument("file")
     bi.add_argument("--json", action="store_true")
+    bi.add_argument("--history", type=int, default=20, help="how many recent history entries to show")
     bi.set_defaults(func=cmd_bank_info)
     br = bsub.add_parser("remove")
     br.add_argument("file")
     br.add_argument("--concept", required=True)
+    _writer_args(br)
     br.set_defaults(func=cmd_bank_remove)
+    bl = bsub.add_parser("lease", help="reserve room for N concepts that someone trains apart and merges back exactly")
+    bl.add_argument("file")
+    bl.add_argument("--name", required=True, help="who or what the lease is for")
+    bl.add_argument("--concepts", type=int, required=True, help="N: concepts the lease holds")
+    bl.add_argument("--rank", type=int, default=4, help="R: their rank")
+    bl.add_argument("--out", required=True, help="the lease file to hand out")
+    bl.add_argument("--seed", type=int, default=None, help="seed of the leased directions (default: random)")
+    _writer_args(bl)
+    bl.set_defaults(func=cmd_bank_lease)
+    bm = bsub.add_parser("merge", help="merge banks of one base (returned leases exactly; forks with --rebase)")
+    bm.add_argument("banks", nargs="+", help="two or more bank or lease files")
+    bm.add_argument("--out", required=True, help="merged bank (may be one of the inputs)")
+    bm.add_argument("--rebase", action="store_true", help="make overlapping later concepts orthogonal (refits A)")
+    bm.add_argument("--rename", action="append", help="OLD=NEW for an id held with different contents by two inputs")
+    _writer_args(bm)
+    bm.set_defaults(func=cmd_bank_merge)
 
 
 def _add_export(sub) -> None:

@@ -1,13 +1,19 @@
 """The basis bank: every concept's factors and token embedding in one shareable file.
 
-Format v1 (exact; other tools read it) — a safetensors file holding
-  concept.<id>.A.<layer>    (n × r) float32
-  concept.<id>.B.<layer>    (m × r) float32
-  concept.<id>.embedding    (k × d)
-and metadata ``format`` = "seqlora.bank", ``format_version`` = "1", ``concepts`` (JSON list in
-training order: id, token, init_word, rank, method, created, settings, final_loss, targets),
-``base`` (JSON: architecture, fingerprint) and ``eps``. ``<layer>`` is the canonical
-(diffusers) module path with a ``unet.`` / ``text_encoder.`` prefix.
+Format v2 (exact; other tools read it; README "Bank file format" lists every key) — a
+safetensors file holding
+  concept.<id>.A.<layer>               (n × r) float32
+  concept.<id>.B.<layer>               (m × r) float32
+  concept.<id>.embedding               (k × d)
+  concept.<id>.stats.values.<layer>    (q,) float32, descending   } optional, for every layer
+  concept.<id>.stats.vectors.<layer>   (m × q) float32            } of the concept or none
+  lease.<lease id>.U.<layer>           (m × N·R) float32, orthonormal, for leases still out
+and metadata ``format`` = "seqlora.bank", ``format_version`` = "2", ``concepts`` (JSON list in
+training order: id, token, init_word, rank, method, created, settings, final_loss, layers, and
+new in v2: hash, author, lease), ``base`` (JSON: architecture, fingerprint), ``eps``, and new
+in v2: ``leases`` (JSON list), ``lease`` (the lease id a lease file is confined to, or "") and
+``history`` (JSON list). ``<layer>`` is the canonical (diffusers) module path with a ``unet.`` /
+``text_encoder.`` prefix. Version 1 files (no v2 keys) are still read.
 
 Files are written atomically (temp file in the same folder, fsync, rename) and validated in full
 on load; any defect is reported as one sentence (:class:`BankError`).
@@ -26,13 +32,16 @@ import torch
 from torch import Tensor
 
 from .atomic import save_safetensors_atomic
-from ..settings import CONSTRAINED_METHODS, METHODS
-from ..errors import BankError, InputError
+from ..settings import CONSTRAINED_METHODS
+from ..errors import BankError, CapacityError, InputError
 from ..method.lora import Factors, compose_factors
 from ..method.projector import NullSpaceProjector, block_overlaps, probably_orthogonal
+from .lease import Lease
+from .provenance import content_hash, history_entry
 
 FORMAT = "seqlora.bank"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 ID_PATTERN = re.compile(r"^[a-z0-9_-]+$")
 ORTHOGONALITY_TOLERANCE = 1e-4
 DEFAULT_EPS = 1e-8
@@ -53,6 +62,9 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
+Eigenpairs = dict[str, tuple[Tensor, Tensor]]  # layer → (values (q,), vectors (m, q)), float32
+
+
 @dataclass
 class Concept:
     id: str
@@ -66,6 +78,17 @@ class Concept:
     created: str = field(default_factory=now_iso)
     settings: dict = field(default_factory=dict)
     final_loss: float | None = None
+    stats: Eigenpairs | None = None  # top eigenpairs of each layer's input second moment
+    author: str | None = None
+    lease: str | None = None  # id of the lease it was trained in
+    hash: str = ""  # content hash (bank.provenance); computed when empty
+
+    def __post_init__(self) -> None:
+        if not self.hash:
+            self.hash = self.content_hash()
+
+    def content_hash(self) -> str:
+        return content_hash(self.rank, self.method, self.init_word, self.settings, self.A, self.B, self.embedding)
 
     @property
     def constrained(self) -> bool:
@@ -74,7 +97,8 @@ class Concept:
     def meta(self) -> dict:
         return {"id": self.id, "token": self.token, "init_word": self.init_word, "rank": self.rank,
                 "method": self.method, "created": self.created, "settings": self.settings,
-                "final_loss": self.final_loss, "layers": len(self.A)}
+                "final_loss": self.final_loss, "layers": len(self.A), "hash": self.hash,
+                "author": self.author, "lease": self.lease}
 
 
 @dataclass
@@ -82,10 +106,13 @@ class Bank:
     base: dict  # {"architecture": ..., "fingerprint": ...}
     eps: float = DEFAULT_EPS
     concepts: list[Concept] = field(default_factory=list)
+    leases: list[Lease] = field(default_factory=list)  # every lease granted (or, in a lease file, its own)
+    confined_to: str | None = None  # a lease file: new bases must lie in this lease's blocks
+    history: list[dict] = field(default_factory=list)
 
     def copy(self) -> "Bank":
-        """A Bank of its own (list and base dict) sharing the concepts' tensors."""
-        return Bank(dict(self.base), self.eps, list(self.concepts))
+        """A Bank of its own (lists and base dict) sharing the concepts' and leases' tensors."""
+        return self._with()
 
     # -- queries -----------------------------------------------------------------------------
     def get(self, ident: str) -> Concept:
@@ -106,10 +133,52 @@ class Bank:
                 shapes.setdefault(name, (a.shape[0], c.B[name].shape[0]))
         return shapes
 
+    @property
+    def active_leases(self) -> list[Lease]:
+        return [lease for lease in self.leases if lease.active]
+
+    def get_lease(self, ident: str) -> Lease:
+        for lease in self.leases:
+            if lease.id == ident:
+                return lease
+        raise InputError(f"The bank has no lease '{ident}'.")
+
+    @property
+    def confinement(self) -> Lease | None:
+        """The lease this file is confined to (a lease file), else None."""
+        return self.get_lease(self.confined_to) if self.confined_to else None
+
+    def lease_concepts(self, lease_id: str) -> list[Concept]:
+        return [c for c in self.concepts if c.lease == lease_id and c.constrained]
+
+    def taken_bases(self, layer: str) -> list[Tensor]:
+        """Column blocks of ``layer`` a new basis must avoid: every constrained concept's B and
+        every outstanding lease's U (leased width counts as used)."""
+        taken = [c.B[layer] for c in self.concepts if c.constrained and layer in c.B]
+        return taken + [lease.blocks[layer] for lease in self.active_leases if layer in lease.blocks]
+
     def projector(self, layer: str, in_features: int) -> NullSpaceProjector:
-        """Null-space projector of ``layer`` against every constrained concept's basis."""
-        earlier = [c.B[layer] for c in self.concepts if c.constrained and layer in c.B]
-        return NullSpaceProjector(in_features, earlier, self.eps)
+        """Null-space projector of ``layer`` for a new constrained basis: against every taken
+        block, or, in a lease file, inside the lease's block against the lease's concepts."""
+        lease = self.confinement
+        if lease is None:
+            return NullSpaceProjector(in_features, self.taken_bases(layer), self.eps)
+        if layer not in lease.blocks:
+            raise CapacityError(f"Layer {layer} is not covered by lease '{lease.name}'; train with the "
+                                "targets of the bank the lease came from.")
+        earlier = [c.B[layer] for c in self.lease_concepts(lease.id) if layer in c.B]
+        return NullSpaceProjector(in_features, earlier, self.eps, within=lease.blocks[layer])
+
+    def check_room(self, rank: int) -> None:
+        """In a lease file, refuse (by the lease's name) a concept the lease cannot hold."""
+        lease = self.confinement
+        if lease is None:
+            return
+        used = sum(c.rank for c in self.lease_concepts(lease.id))
+        if used + rank > lease.width:
+            held = len(self.lease_concepts(lease.id))
+            raise CapacityError(f"Lease '{lease.name}' ({lease.id}) is full: it holds {held} concept(s) in "
+                                f"{used} of its {lease.width} dimensions, rank {rank} needs more.")
 
     @property
     def rank(self) -> int:
@@ -117,14 +186,23 @@ class Bank:
         return self.concepts[-1].rank if self.concepts else 4
 
     def layer_table(self, rank: int | None = None) -> list[dict]:
-        """Per adapted layer: width, concepts held, and how many it can hold at ``rank``."""
+        """Per adapted layer: width, concepts held, width leased out, and how many concepts it
+        can hold at ``rank`` (in a lease file: inside the lease)."""
         rank = rank or self.rank
+        lease = self.confinement
         rows = []
         for name, (n, m) in self.layer_shapes().items():
-            held = [c for c in self.concepts if c.constrained and name in c.B]
+            if lease is None:
+                held = [c for c in self.concepts if c.constrained and name in c.B]
+                leased = sum(l.width for l in self.active_leases if name in l.blocks)
+                room = m - leased
+            else:
+                held = [c for c in self.lease_concepts(lease.id) if name in c.B]
+                leased, room = 0, lease.width if name in lease.blocks else 0
             used_width = sum(c.B[name].shape[1] for c in held)
+            free = max(room - used_width, 0)
             rows.append({"name": name, "in_features": m, "out_features": n, "used": len(held),
-                         "capacity": len(held) + (m - used_width) // rank, "free_width": m - used_width})
+                         "capacity": len(held) + free // rank, "free_width": free, "leased_width": leased})
         return rows
 
     def width_summary(self, layers: list[dict] | None = None) -> list[dict]:
@@ -132,35 +210,105 @@ class Bank:
         widths: dict[int, dict] = {}
         for r in layers if layers is not None else self.layer_table():
             w = widths.setdefault(r["in_features"], {"width": r["in_features"], "layers": 0, "used": 0,
-                                                     "capacity": r["capacity"]})
+                                                     "capacity": r["capacity"], "leased_width": 0})
             w["layers"] += 1
             w["used"] = max(w["used"], r["used"])
             w["capacity"] = min(w["capacity"], r["capacity"])
+            w["leased_width"] = max(w["leased_width"], r["leased_width"])
         return sorted(widths.values(), key=lambda w: w["width"])
 
+    def lease_table(self) -> list[dict]:
+        """Each lease: id, name, N, R, width, created, author, returned, and concepts used."""
+        return [dict(lease.meta(), used=sum(1 for c in self.concepts if c.lease == lease.id))
+                for lease in self.leases]
+
+    def pairwise_overlaps(self, constrained_only: bool = True) -> tuple[list[str], Tensor]:
+        """Labels (concept ids, then ``lease <id>`` for leases still out) and the matrix of the
+        worst overlap over layers between any two of them (float64, zero diagonal).
+
+        Concept pairs: ‖B_jᵀB_i‖_F / (‖B_j‖_F ‖B_i‖_F); concept vs lease: ‖UᵀB‖_F / ‖B‖_F;
+        lease vs lease: ‖U_jᵀU_i‖_F. One Gram matrix per layer, no loop over pairs. In a lease
+        file the lease's own concepts are inside its block by design and are not compared with it.
+        """
+        concepts = [c for c in self.concepts if c.constrained or not constrained_only]
+        leases = self.active_leases
+        labels = [c.id for c in concepts] + [f"lease {l.id}" for l in leases]
+        worst = torch.zeros(len(labels), len(labels), dtype=torch.float64)
+        layers = dict.fromkeys(n for c in concepts for n in c.B)
+        layers.update(dict.fromkeys(n for l in leases for n in l.blocks))
+        for layer in layers:
+            cols, owner = [], []
+            for k, c in enumerate(concepts):
+                if layer in c.B:
+                    b = c.B[layer].to(torch.float64)
+                    norm = b.norm()
+                    cols.append(b / norm if norm > 0 else b)
+                    owner += [k] * b.shape[1]
+            for k, l in enumerate(leases, start=len(concepts)):
+                if layer in l.blocks:
+                    cols.append(l.blocks[layer].to(torch.float64))
+                    owner += [k] * l.blocks[layer].shape[1]
+            if len(set(owner)) < 2 or len({c.shape[0] for c in cols}) > 1:
+                continue
+            m = torch.cat(cols, dim=1)
+            gram = m.T @ m
+            onehot = torch.nn.functional.one_hot(torch.tensor(owner), len(labels)).to(torch.float64)
+            worst = torch.maximum(worst, (onehot.T @ (gram * gram) @ onehot).clamp_min(0).sqrt())
+        worst.fill_diagonal_(0.0)
+        if self.confined_to:
+            own = [k for k, c in enumerate(concepts) if c.lease == self.confined_to]
+            if f"lease {self.confined_to}" in labels:
+                j = labels.index(f"lease {self.confined_to}")
+                worst[own, j] = 0.0
+                worst[j, own] = 0.0
+        return labels, worst
+
     def max_orthogonality_error(self, constrained_only: bool = True) -> float:
-        """Worst normalised overlap ‖B_jᵀB_i‖_F / (‖B_j‖_F ‖B_i‖_F) between two concepts' bases on
-        any layer (by default among the orthogonality-constrained concepts, the ones the guarantee
-        covers). One Gram matrix of the stacked bases per layer, not a loop over concept pairs."""
-        worst = 0.0
-        for name in self.layer_shapes():
-            bases = [c.B[name] for c in self.concepts if (c.constrained or not constrained_only) and name in c.B]
-            if len(bases) > 1:
-                worst = max(worst, float(block_overlaps(bases).max()))
-        return worst
+        """Worst normalised overlap between two concepts' bases (or a basis and a lease block,
+        or two lease blocks) on any layer; by default among the orthogonality-constrained
+        concepts only, the ones the guarantee covers."""
+        if not self.active_leases:  # plain banks: one Gram per layer over the bases alone
+            worst = 0.0
+            for name in self.layer_shapes():
+                bases = [c.B[name] for c in self.concepts if (c.constrained or not constrained_only) and name in c.B]
+                if len(bases) > 1:
+                    worst = max(worst, float(block_overlaps(bases).max()))
+            return worst
+        _, worst = self.pairwise_overlaps(constrained_only)
+        return float(worst.max()) if worst.numel() else 0.0
+
+    def probably_orthogonal(self) -> bool:
+        """Fast sufficient check (``method.projector.probably_orthogonal``) that no two constrained
+        bases and outstanding lease blocks overlap beyond the tolerance; False means "not shown",
+        and the exact check decides. In a lease file the lease's own concepts sit inside its block,
+        so the probe is skipped there."""
+        if self.confined_to:
+            return False
+        layers = dict.fromkeys(n for c in self.concepts if c.constrained for n in c.B)
+        layers.update(dict.fromkeys(n for l in self.active_leases for n in l.blocks))
+        for name in layers:
+            blocks = [c.B[name] for c in self.concepts if c.constrained and name in c.B]
+            blocks += [l.blocks[name] for l in self.active_leases if name in l.blocks]
+            if len(blocks) > 1 and (len({b.shape[0] for b in blocks}) > 1
+                                    or not probably_orthogonal(blocks, ORTHOGONALITY_TOLERANCE)):
+                return False
+        return True
 
     def summary(self) -> dict:
         """Everything every surface shows about a bank (CLI ``bank info``, the ComfyUI panel and
-        info text, the tab): concepts, per-layer and per-width capacity, the fullest layer, the
-        orthogonality error. JSON-ready."""
+        info text, the tab): concepts with provenance, per-layer and per-width capacity (leased
+        width counted as used), the fullest layer, leases, history, the orthogonality error.
+        JSON-ready."""
         layers = self.layer_table()
         return {"base": dict(self.base), "eps": self.eps, "rank": self.rank,
                 "concepts": [{"id": c.id, "token": c.token, "rank": c.rank, "method": c.method,
-                              "init_word": c.init_word, "created": c.created, "final_loss": c.final_loss}
+                              "init_word": c.init_word, "created": c.created, "final_loss": c.final_loss,
+                              "hash": c.hash, "author": c.author, "lease": c.lease, "stats": c.stats is not None}
                              for c in self.concepts],
                 "layers": layers, "widths": self.width_summary(layers),
                 "fullest": min(layers, key=lambda r: r["capacity"] - r["used"]) if layers else None,
-                "max_orthogonality_error": self.max_orthogonality_error()}
+                "max_orthogonality_error": self.max_orthogonality_error(),
+                "leases": self.lease_table(), "lease_file_of": self.confined_to, "history": list(self.history)}
 
     def parse_selection(self, text: str) -> tuple[list[str], dict[str, float]]:
         """The one concept-selection syntax of every surface: 'chelsea:0.8, <coffee>' → ids in the
@@ -197,7 +345,13 @@ class Bank:
     def embeddings(self, ids: list[str] | None = None) -> dict[str, Tensor]:
         return {c.token: c.embedding for c in self.select(ids)}
 
-    # -- changes -----------------------------------------------------------------------------
+    # -- changes (each returns a new Bank with a history entry) ------------------------------
+    def _with(self, **changes) -> "Bank":
+        fields = dict(base=dict(self.base), eps=self.eps, concepts=list(self.concepts), leases=list(self.leases),
+                      confined_to=self.confined_to, history=list(self.history))
+        fields.update(changes)
+        return Bank(**fields)
+
     def check_new_token(self, token: str) -> str:
         """The id a new concept with ``token`` gets; refuses a token whose id the bank already has."""
         ident = token_to_id(token)
@@ -205,13 +359,24 @@ class Bank:
             raise InputError(f"The bank already has a concept '{ident}'; choose another token.")
         return ident
 
-    def with_concept(self, concept: Concept) -> "Bank":
+    def with_concept(self, concept: Concept, author: str | None = None) -> "Bank":
         self.check_new_token(concept.id)
-        return Bank(dict(self.base), self.eps, self.concepts + [concept])
+        entry = history_entry("append", [(concept.id, concept.hash)], author or concept.author, lease=concept.lease)
+        return self._with(concepts=self.concepts + [concept], history=self.history + [entry])
 
-    def without(self, ident: str) -> "Bank":
-        self.get(ident)
-        return Bank(dict(self.base), self.eps, [c for c in self.concepts if c.id != ident])
+    def without(self, ident: str, author: str | None = None) -> "Bank":
+        gone = self.get(ident)
+        entry = history_entry("remove", [(gone.id, gone.hash)], author)
+        return self._with(concepts=[c for c in self.concepts if c.id != ident], history=self.history + [entry])
+
+    def with_lease(self, lease: Lease) -> "Bank":
+        entry = history_entry("lease", [], lease.author, lease=lease.id, note=f"{lease.name}: {lease.concepts} x rank {lease.rank}")
+        return self._with(leases=self.leases + [lease], history=self.history + [entry])
+
+    def lease_file(self, lease_id: str) -> "Bank":
+        """The bank a lease holder trains in: same concepts and base, confined to the lease."""
+        lease = self.get_lease(lease_id)
+        return self._with(leases=[lease], confined_to=lease.id)
 
     def check_base(self, architecture: str, fingerprint: str, allow_other_base: bool = False) -> None:
         arch = self.base.get("architecture")
@@ -224,18 +389,29 @@ class Bank:
 
     # -- file --------------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
+        def f32(t: Tensor) -> Tensor:
+            return t.detach().to("cpu", torch.float32).contiguous()
+
         out = {}
         for c in self.concepts:
             for name in c.A:
-                out[f"concept.{c.id}.A.{name}"] = c.A[name].detach().to("cpu", torch.float32).contiguous()
-                out[f"concept.{c.id}.B.{name}"] = c.B[name].detach().to("cpu", torch.float32).contiguous()
-            out[f"concept.{c.id}.embedding"] = c.embedding.detach().to("cpu", torch.float32).contiguous()
+                out[f"concept.{c.id}.A.{name}"] = f32(c.A[name])
+                out[f"concept.{c.id}.B.{name}"] = f32(c.B[name])
+            out[f"concept.{c.id}.embedding"] = f32(c.embedding)
+            for name, (values, vectors) in (c.stats or {}).items():
+                out[f"concept.{c.id}.stats.values.{name}"] = f32(values)
+                out[f"concept.{c.id}.stats.vectors.{name}"] = f32(vectors)
+        for lease in self.active_leases:
+            for name, block in lease.blocks.items():
+                out[f"lease.{lease.id}.U.{name}"] = f32(block)
         return out
 
     def metadata(self) -> dict[str, str]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "concepts": json.dumps([c.meta() for c in self.concepts]),
-                "base": json.dumps(self.base), "eps": repr(float(self.eps))}
+                "base": json.dumps(self.base), "eps": repr(float(self.eps)),
+                "leases": json.dumps([l.meta() for l in self.leases]), "lease": self.confined_to or "",
+                "history": json.dumps(self.history)}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a reader sees the old file or the new one, never a mix."""
@@ -253,12 +429,14 @@ def _file_identity(path: Path) -> tuple:
 
 
 def load_bank(path: str | os.PathLike) -> Bank:
-    """Read and validate a bank file; every defect becomes one BankError sentence.
+    """Read and validate a bank file (``bank.reader``); every defect becomes one BankError sentence.
 
     Validated banks are cached by file identity (path, inode, size, mtime), so a host that loads
     the same bank for every generation pays once; callers get their own Bank object (the tensors
     are shared and never modified in place)."""
     from safetensors import safe_open
+
+    from .reader import bank_from_parts
 
     path = Path(path)
     if not path.is_file():
@@ -278,118 +456,3 @@ def load_bank(path: str | os.PathLike) -> Bank:
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return bank.copy()
-
-
-def _json(meta: dict, key: str, name: str):
-    try:
-        return json.loads(meta[key])
-    except (KeyError, json.JSONDecodeError):
-        raise BankError(f"{name} has missing or malformed '{key}' metadata.") from None
-
-
-def _header(meta: dict, name: str) -> tuple[list, dict, float]:
-    """Format, version, concept entries, base and ε from the metadata, checked."""
-    if meta.get("format") != FORMAT:
-        raise BankError(f"{name} is not a SeqLoRA bank (format is {meta.get('format')!r}).")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise BankError(f"{name} has bank format version {meta.get('format_version')!r}; this SeqLoRA reads version {FORMAT_VERSION}.")
-    entries = _json(meta, "concepts", name)
-    base = _json(meta, "base", name)
-    try:
-        eps = float(meta.get("eps", DEFAULT_EPS))
-    except ValueError:
-        raise BankError(f"{name} has a malformed 'eps' value.") from None
-    if not isinstance(entries, list) or not isinstance(base, dict):
-        raise BankError(f"{name} has malformed concept or base metadata.")
-    return entries, base, eps
-
-
-def _group_tensors(tensors: dict[str, Tensor], name: str) -> dict[str, dict]:
-    """One pass over the keys: id → {"A": {layer: t}, "B": {layer: t}, "embedding": t}."""
-    grouped: dict[str, dict] = {}
-    for key, t in tensors.items():
-        parts = key.split(".", 3)  # concept . <id> . A|B . <layer>   or   concept . <id> . embedding
-        if parts[0] != "concept" or len(parts) < 3:
-            raise BankError(f"{name} holds a tensor of no listed concept ({key}).")
-        slot = grouped.setdefault(parts[1], {"A": {}, "B": {}, "embedding": None})
-        if parts[2] in ("A", "B") and len(parts) == 4:
-            slot[parts[2]][parts[3]] = t
-        elif parts[2] == "embedding" and len(parts) == 3:
-            slot["embedding"] = t
-        else:
-            raise BankError(f"{name} holds a tensor of no listed concept ({key}).")
-    return grouped
-
-
-def _concept(entry, slot: dict | None, name: str, seen: set) -> Concept:
-    """One concept from its metadata entry and tensors, with its shapes checked."""
-    try:
-        ident, rank, method = entry["id"], int(entry["rank"]), entry["method"]
-    except (KeyError, TypeError, ValueError):
-        raise BankError(f"{name} has a concept entry without id, rank or method.") from None
-    if not isinstance(ident, str) or not ID_PATTERN.match(ident) or ident in seen:
-        raise BankError(f"{name} has an invalid or repeated concept id {ident!r}.")
-    if method not in METHODS:
-        raise BankError(f"{name}: concept '{ident}' has unknown method {method!r}.")
-    seen.add(ident)
-    if slot is None or slot["embedding"] is None:
-        raise BankError(f"{name}: concept '{ident}' has no token embedding.")
-    A, B, emb = slot["A"], slot["B"], slot["embedding"]
-    if not A or set(A) != set(B):
-        raise BankError(f"{name}: concept '{ident}' does not have matching A and B factors for every layer.")
-    for layer in A:
-        a, b = A[layer], B[layer]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != rank or b.shape[1] != rank:
-            raise BankError(f"{name}: concept '{ident}' layer {layer} has factors of shape "
-                            f"{tuple(a.shape)} and {tuple(b.shape)}, not rank {rank}.")
-    if emb.dim() != 2:
-        raise BankError(f"{name}: concept '{ident}' has a malformed token embedding.")
-    return Concept(id=ident, token=entry.get("token", f"<{ident}>"), init_word=entry.get("init_word", ""),
-                   rank=rank, method=method, A=A, B=B, embedding=emb, created=entry.get("created", ""),
-                   settings=entry.get("settings", {}), final_loss=entry.get("final_loss"))
-
-
-def _finite(tensors: list[Tensor]) -> bool:
-    """All values finite: a float64 sum is NaN or ±inf iff some value is (one pass, no mask)."""
-    return all(bool(torch.isfinite(t.sum(dtype=torch.float64))) for t in tensors)
-
-
-def _check_layers(concepts: list[Concept], name: str) -> None:
-    """Per layer, stacked once: one width for every concept, finite values, orthogonal bases."""
-    by_layer: dict[str, list[Concept]] = {}
-    for c in concepts:
-        for layer in c.A:
-            by_layer.setdefault(layer, []).append(c)
-    for layer, held in by_layer.items():
-        widths = {(c.A[layer].shape[0], c.B[layer].shape[0]) for c in held}
-        if len(widths) > 1:
-            raise BankError(f"{name}: layer {layer} has factors of different widths {sorted(widths)}.")
-        if not (_finite([c.A[layer] for c in held]) and _finite([c.B[layer] for c in held])):
-            bad = next(c.id for c in held if not _finite([c.A[layer], c.B[layer]]))
-            raise BankError(f"{name}: concept '{bad}' layer {layer} holds non-finite values.")
-        bases = [c.B[layer] for c in held if c.constrained]
-        if len(bases) > 1 and not probably_orthogonal(bases, ORTHOGONALITY_TOLERANCE):
-            err = float(block_overlaps(bases).max())
-            if err > ORTHOGONALITY_TOLERANCE:
-                raise BankError(f"{name} breaks orthogonality: two concepts' bases overlap by {err:.2e} "
-                                f"on {layer} (tolerance {ORTHOGONALITY_TOLERANCE:.0e}).")
-    embeddings = [c.embedding for c in concepts]
-    if len({e.shape[1] for e in embeddings}) > 1:
-        raise BankError(f"{name} mixes token embeddings of widths {sorted({e.shape[1] for e in embeddings})}.")
-    if embeddings and not _finite(embeddings):
-        bad = next(c.id for c in concepts if not _finite([c.embedding]))
-        raise BankError(f"{name}: concept '{bad}' has a malformed token embedding.")
-
-
-def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank") -> Bank:
-    """A validated Bank from a file's metadata and tensors (every defect: one BankError)."""
-    entries, base, eps = _header(meta, name)
-    grouped = _group_tensors(tensors, name)
-    seen: set[str] = set()
-    concepts = [_concept(entry, grouped.get(entry.get("id") if isinstance(entry, dict) else None), name, seen)
-                for entry in entries]
-    stray = set(grouped) - seen
-    if stray:
-        raise BankError(f"{name} holds tensors of no listed concept (e.g. concept '{sorted(stray)[0]}').")
-    _check_layers(concepts, name)
-    return Bank(base, eps, concepts)

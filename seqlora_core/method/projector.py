@@ -4,6 +4,10 @@ For one adapted layer with earlier bases 𝔅 = [B_1 … B_{i-1}] (m × k), the 
 projector onto the free space is  P = I − 𝔅 (𝔅ᵀ𝔅 + ε I)⁻¹ 𝔅ᵀ.  We never form the m × m matrix:
 P v = v − 𝔅 G⁻¹ 𝔅ᵀ v with the small k × k Gram G = 𝔅ᵀ𝔅 + εI, kept in float64 so that the
 orthogonality of the learned bases is limited by float32 storage, not by the projection.
+
+Inside a subspace lease (``bank.lease``) the free space is further confined to span(U) of the
+lease's orthonormal block U (m × w): P v = P_𝔅 (U Uᵀ v), where 𝔅 then holds the lease's own
+earlier concepts (all inside span(U)), so the free width is w minus their columns.
 """
 from __future__ import annotations
 
@@ -14,9 +18,11 @@ from torch import Tensor
 class NullSpaceProjector:
     """Projects m × r matrices onto the orthogonal complement of span(𝔅) for one layer."""
 
-    def __init__(self, in_features: int, earlier: list[Tensor] | None = None, eps: float = 1e-8):
+    def __init__(self, in_features: int, earlier: list[Tensor] | None = None, eps: float = 1e-8,
+                 within: Tensor | None = None):
         self.in_features = in_features
         self.eps = float(eps)
+        self._within = None if within is None else within.detach().to("cpu", torch.float64)  # U, (m, w)
         self.used = 0  # columns of 𝔅
         self._basis: Tensor | None = None  # 𝔅, (m, k) float64
         self._gram_inv: Tensor | None = None  # (𝔅ᵀ𝔅 + εI)⁻¹, (k, k) float64
@@ -26,7 +32,8 @@ class NullSpaceProjector:
 
     @property
     def free_width(self) -> int:
-        return self.in_features - self.used
+        room = self.in_features if self._within is None else self._within.shape[1]
+        return max(room - self.used, 0)
 
     def append(self, basis: Tensor) -> None:
         """Add a frozen concept basis B_i (m × r) to 𝔅."""
@@ -39,19 +46,24 @@ class NullSpaceProjector:
         self._gram_inv = torch.linalg.inv(gram)
         self._cache = {}
 
-    def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _on(self, device: torch.device) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         key = str(device)
         if key not in self._cache:
-            self._cache[key] = (self._basis.to(device), self._gram_inv.to(device))
+            move = (lambda t: None if t is None else t.to(device))
+            self._cache[key] = (move(self._basis), move(self._gram_inv), move(self._within))
         return self._cache[key]
 
     def project(self, v: Tensor) -> Tensor:
         """P v for v of shape (m, r); returns v's dtype and device."""
-        if self._basis is None:
+        if self._basis is None and self._within is None:
             return v
-        basis, gram_inv = self._on(v.device)
+        basis, gram_inv, within = self._on(v.device)
         v64 = v.to(torch.float64)
-        return (v64 - basis @ (gram_inv @ (basis.T @ v64))).to(v.dtype)
+        if within is not None:
+            v64 = within @ (within.T @ v64)
+        if basis is not None:
+            v64 = v64 - basis @ (gram_inv @ (basis.T @ v64))
+        return v64.to(v.dtype)
 
     def random_orthonormal(self, rank: int, generator: torch.Generator) -> Tensor:
         """Orthonormal columns (m × rank, float32) inside the free space: the initial B_i."""

@@ -29,6 +29,7 @@ from .bilevel import BilevelConfig, BilevelSolver
 from ..errors import CapacityError, InputError, SeqLoRAError
 from ..bank.fingerprint import base_fingerprint
 from ..hosts.protocol import Host
+from .activation_stats import ActivationStats
 from .lora import LoRAHooks
 from .projector import BatchedProjection
 from .precision import HALF, Fp32Normalisation, LossScale
@@ -116,7 +117,7 @@ def failure_message(host: Host, step: int, loss: float, scale: float) -> str:
 
 def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, init_word: str,
                   settings: TrainSettings, progress: Callable[[int, int, float], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> TrainResult:
+                  should_stop: Callable[[], bool] | None = None, author: str | None = None) -> TrainResult:
     """Learn one concept from ``pixels`` ((N, 3, R, R) in [-1, 1]) and return the extended bank."""
     start = time.time()
     fingerprint = base_fingerprint(host.linear_layers())
@@ -133,6 +134,7 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
     constrained = settings.method in CONSTRAINED_METHODS
     projectors = {n: bank.projector(n, targets[n].in_features) for n in names}
     if constrained:
+        bank.check_room(settings.rank)
         for n in names:
             if projectors[n].free_width < settings.rank:
                 raise CapacityError(f"Layer {n} is full: {projectors[n].free_width} of its "
@@ -161,7 +163,8 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
     failed_in_a_row = 0
     # hosts whose weights require grad (A1111) freeze them for the run: see hosts.protocol.frozen_parameters
     frozen = getattr(host, "frozen_weights", contextlib.nullcontext)
-    with frozen(), LoRAHooks(hook_layers) as hooks:
+    stats = ActivationStats(targets if settings.stats_q > 0 else {})
+    with frozen(), LoRAHooks(hook_layers) as hooks, stats:
         if bank.concepts:
             hooks.set_composed(bank.composed_factors())
         for step in range(settings.steps):
@@ -174,7 +177,11 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
 
             def loss_fn(a, b, embedding):
                 hooks.bind(dict(zip(names, a)), dict(zip(names, b)))
-                return denoising_loss(host, noisy, noise, t, prompts, {token: embedding[0]})
+                loss = denoising_loss(host, noisy, noise, t, prompts, {token: embedding[0]})
+                stats.armed = False  # the minibatch's later passes see the same inputs
+                return loss
+
+            stats.armed = True
 
             skipped = 0
             for _ in range(settings.bilevel_iters):
@@ -199,6 +206,8 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
         A={n: a.detach().float().cpu() for n, a in zip(names, solver.a)},
         B={n: b.detach().float().cpu() for n, b in zip(names, b_final)},
         embedding=solver.embedding[0].detach().float().cpu(),
-        settings=asdict(settings), final_loss=sum(tail) / len(tail) if tail else None)
+        settings=asdict(settings), final_loss=sum(tail) / len(tail) if tail else None,
+        stats=stats.top_eigenpairs(settings.stats_q) if settings.stats_q > 0 else None,
+        author=author, lease=bank.confined_to if constrained else None)
     return TrainResult(bank.with_concept(concept), concept, losses, time.time() - start,
                        solver.skipped_steps, solver.scale)

@@ -1,0 +1,265 @@
+"""Bank files in, validated Banks out: every defect of a file becomes one BankError sentence.
+
+A bank travels between machines and people, so nothing in it is trusted: metadata values are
+type-checked before use, every tensor must belong to a listed concept or lease and have the
+documented shape, dtype and finite values, recorded content hashes must match the tensors, lease
+blocks must be orthonormal, and no two constrained bases (or a basis and an outstanding lease)
+may overlap. Reads format versions 1 and 2 (v1 has no statistics, leases, hashes or history).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from torch import Tensor
+
+from ..errors import BankError
+from ..settings import METHODS
+from .format import DEFAULT_EPS, FORMAT, ID_PATTERN, ORTHOGONALITY_TOLERANCE, READABLE_VERSIONS, Bank, Concept
+from .lease import LEASE_ID_PATTERN, Lease
+from .provenance import valid_history
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _json(meta: dict, key: str, name: str, default=None):
+    if key not in meta and default is not None:
+        return default
+    try:
+        return json.loads(meta[key])
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise BankError(f"{name} has missing or malformed '{key}' metadata.") from None
+
+
+def _show(value, limit: int = 80) -> str:
+    """A name from the file, safe for a one-line message: escaped and shortened."""
+    return str(value).encode("unicode_escape").decode("ascii")[:limit]
+
+
+def _opt_str(value) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _split_keys(tensors: dict[str, Tensor], name: str) -> tuple[dict, dict]:
+    """One pass over the keys: concept id → {part → {layer → tensor}}, lease id → {layer → U}."""
+    concepts: dict[str, dict] = {}
+    leases: dict[str, dict] = {}
+    for key, t in tensors.items():
+        head, _, rest = key.partition(".")
+        ident, _, rest = rest.partition(".")
+        if head == "concept":
+            parts = concepts.setdefault(ident, {"A": {}, "B": {}, "stats.values": {}, "stats.vectors": {}})
+            if rest == "embedding":
+                parts["embedding"] = t
+                continue
+            for part in ("A", "B", "stats.values", "stats.vectors"):
+                if rest.startswith(part + ".") and len(rest) > len(part) + 1:
+                    parts[part][rest[len(part) + 1:]] = t
+                    break
+            else:
+                raise BankError(f"{name} holds a tensor of unknown kind ({_show(key)}).")
+        elif head == "lease" and rest.startswith("U.") and len(rest) > 2:
+            leases.setdefault(ident, {})[rest[2:]] = t
+        else:
+            raise BankError(f"{name} holds a tensor of no listed concept (e.g. {_show(key)}).")
+    return concepts, leases
+
+
+def _check_matrix(t: Tensor, what: str, name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise BankError(f"{name}: {what} has dtype {t.dtype}, not a floating-point type.")
+    if not bool(torch.isfinite(t.sum(dtype=torch.float64))):  # NaN or ±inf iff some value is
+        raise BankError(f"{name}: {what} holds non-finite values.")
+
+
+def _concept(entry, all_parts: dict, shapes: dict, name: str, version: str) -> Concept:
+    if not isinstance(entry, dict):
+        raise BankError(f"{name} has a concept entry that is not an object.")
+    ident, rank, method = entry.get("id"), entry.get("rank"), entry.get("method")
+    if not isinstance(ident, str) or not ID_PATTERN.match(ident):
+        raise BankError(f"{name} has an invalid concept id {_show(ident, 60)!r}.")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise BankError(f"{name}: concept '{ident}' has an invalid rank.")
+    if method not in METHODS:
+        raise BankError(f"{name}: concept '{ident}' has unknown method {_show(method, 40)!r}.")
+    for key in ("token", "init_word", "created", "author", "lease", "hash"):
+        if not _opt_str(entry.get(key)):
+            raise BankError(f"{name}: concept '{ident}' has a malformed '{key}'.")
+    settings, loss = entry.get("settings", {}), entry.get("final_loss")
+    if not isinstance(settings, dict) or not (loss is None or (isinstance(loss, (int, float)) and not isinstance(loss, bool))):
+        raise BankError(f"{name}: concept '{ident}' has malformed settings or final loss.")
+    lease = entry.get("lease")
+    if lease is not None and not LEASE_ID_PATTERN.match(lease):
+        raise BankError(f"{name}: concept '{ident}' names an invalid lease id.")
+    parts = all_parts.get(ident)
+    if parts is None or "embedding" not in parts:
+        raise BankError(f"{name}: concept '{ident}' has no token embedding.")
+    A, B = parts["A"], parts["B"]
+    if not A or set(A) != set(B):
+        raise BankError(f"{name}: concept '{ident}' does not have matching A and B factors for every layer.")
+    for layer in A:
+        a, b = A[layer], B[layer]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != rank or b.shape[1] != rank:
+            raise BankError(f"{name}: concept '{ident}' layer {_show(layer)} has factors of shape "
+                            f"{tuple(a.shape)} and {tuple(b.shape)}, not rank {rank}.")
+        _check_matrix(a, f"concept '{ident}' layer {_show(layer)}", name)
+        _check_matrix(b, f"concept '{ident}' layer {_show(layer)}", name)
+        expected = shapes.setdefault(layer, (a.shape[0], b.shape[0]))
+        if expected != (a.shape[0], b.shape[0]):
+            raise BankError(f"{name}: layer {_show(layer)} has width {expected} for one concept and "
+                            f"{(a.shape[0], b.shape[0])} for '{ident}'.")
+    emb = parts["embedding"]
+    if emb.dim() != 2 or emb.shape[0] < 1 or emb.dtype not in FLOAT_DTYPES or not bool(torch.isfinite(emb).all()):
+        raise BankError(f"{name}: concept '{ident}' has a malformed token embedding.")
+    stats = _stats(ident, parts, B, name)
+    concept = Concept(
+        id=ident, token=entry.get("token") or f"<{ident}>", init_word=entry.get("init_word") or "",
+        rank=rank, method=method, A={k: v.float() for k, v in A.items()}, B={k: v.float() for k, v in B.items()},
+        embedding=emb.float(), created=entry.get("created") or "", settings=settings,
+        final_loss=loss, stats=stats, author=entry.get("author"), lease=lease)
+    recorded = entry.get("hash")
+    if version != "1" and recorded is not None and recorded != concept.hash:
+        raise BankError(f"{name}: concept '{ident}' does not match its recorded content hash "
+                        "(its tensors or settings were altered).")
+    return concept
+
+
+def _stats(ident: str, parts: dict, B: dict, name: str):
+    values, vectors = parts["stats.values"], parts["stats.vectors"]
+    if not values and not vectors:
+        return None
+    if set(values) != set(B) or set(vectors) != set(B):
+        raise BankError(f"{name}: concept '{ident}' has activation statistics for some layers but not all.")
+    out = {}
+    for layer in B:
+        v, u = values[layer], vectors[layer]
+        if v.dim() != 1 or u.dim() != 2 or u.shape != (B[layer].shape[0], v.shape[0]) or v.shape[0] < 1:
+            raise BankError(f"{name}: concept '{ident}' layer {_show(layer)} has activation statistics of "
+                            f"shape {tuple(v.shape)} and {tuple(u.shape)}.")
+        _check_matrix(v, f"concept '{ident}' statistics", name)
+        _check_matrix(u, f"concept '{ident}' statistics", name)
+        if bool((v < 0).any()):
+            raise BankError(f"{name}: concept '{ident}' has negative second-moment eigenvalues.")
+        out[layer] = (v.float(), u.float())
+    return out
+
+
+def _leases(entries, blocks: dict, shapes: dict, name: str) -> list[Lease]:
+    if not isinstance(entries, list):
+        raise BankError(f"{name} has malformed 'leases' metadata.")
+    leases, seen, lease_widths = [], set(), {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise BankError(f"{name} has a lease entry that is not an object.")
+        ident, n, r = entry.get("id"), entry.get("concepts"), entry.get("rank")
+        if not isinstance(ident, str) or not LEASE_ID_PATTERN.match(ident) or ident in seen:
+            raise BankError(f"{name} has an invalid or repeated lease id {_show(ident, 60)!r}.")
+        seen.add(ident)
+        if any(isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= 1 << 20 for x in (n, r)):
+            raise BankError(f"{name}: lease '{ident}' has an invalid size.")
+        if not all(_opt_str(entry.get(k)) for k in ("name", "created", "author", "returned")):
+            raise BankError(f"{name}: lease '{ident}' has malformed metadata.")
+        own = blocks.get(ident, {})
+        if entry.get("returned") is None and not own:
+            raise BankError(f"{name}: lease '{ident}' is out but its blocks are missing.")
+        if entry.get("returned") is not None and own:
+            raise BankError(f"{name}: lease '{ident}' was returned but still holds blocks.")
+        for layer, u in own.items():
+            m = shapes[layer][1] if layer in shapes else lease_widths.setdefault(layer, u.shape[0] if u.dim() else -1)
+            if u.dim() != 2 or u.shape[1] != n * r or u.shape[0] != m or u.shape[1] > u.shape[0]:
+                raise BankError(f"{name}: lease '{ident}' layer {_show(layer)} has a block of shape {tuple(u.shape)}.")
+            _check_matrix(u, f"lease '{ident}' layer {_show(layer)}", name)
+            u64 = u.to(torch.float64)
+            if float((u64.T @ u64 - torch.eye(u.shape[1], dtype=torch.float64)).abs().max()) > ORTHOGONALITY_TOLERANCE:
+                raise BankError(f"{name}: lease '{ident}' layer {_show(layer)} has a block without orthonormal columns.")
+        leases.append(Lease(ident, entry.get("name") or ident, n, r, {k: v.float() for k, v in own.items()},
+                            entry.get("created") or "", entry.get("author"), entry.get("returned")))
+    stray = set(blocks) - seen
+    if stray:
+        raise BankError(f"{name} holds blocks of an unlisted lease ({_show(sorted(stray)[0], 60)}).")
+    return leases
+
+
+def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank") -> Bank:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BankError(f"{name} is not a SeqLoRA bank (format is {_show(meta.get('format'), 40)!r}).")
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise BankError(f"{name} has bank format version {_show(version, 20)!r}; this SeqLoRA reads "
+                        f"versions {', '.join(READABLE_VERSIONS)}.")
+    entries = _json(meta, "concepts", name)
+    base = _json(meta, "base", name)
+    try:
+        eps = float(meta.get("eps", DEFAULT_EPS))
+    except (TypeError, ValueError):
+        raise BankError(f"{name} has a malformed 'eps' value.") from None
+    if not math.isfinite(eps) or not 0 <= eps < 1e-2:
+        raise BankError(f"{name} has an 'eps' of {eps}, outside [0, 0.01).")
+    if not isinstance(entries, list) or not isinstance(base, dict) or not _opt_str(base.get("architecture")):
+        raise BankError(f"{name} has malformed concept or base metadata.")
+    parts, blocks = _split_keys(tensors, name)
+    if version == "1" and blocks:
+        raise BankError(f"{name} is a version 1 bank but holds lease blocks.")
+    concepts, shapes, seen = [], {}, set()
+    for entry in entries:
+        concept = _concept(entry, parts, shapes, name, version)
+        if concept.id in seen:
+            raise BankError(f"{name} lists concept '{concept.id}' twice.")
+        seen.add(concept.id)
+        if version == "1" and concept.stats is not None:
+            raise BankError(f"{name} is a version 1 bank but holds activation statistics.")
+        concepts.append(concept)
+    stray = set(parts) - seen
+    if stray:
+        raise BankError(f"{name} holds tensors of no listed concept (e.g. concept {_show(sorted(stray)[0], 60)}).")
+    widths = {c.embedding.shape[1] for c in concepts}
+    if len(widths) > 1:
+        raise BankError(f"{name} mixes token embeddings of widths {sorted(widths)}.")
+    leases = _leases(_json(meta, "leases", name, default=[]), blocks, shapes, name)
+    history = _json(meta, "history", name, default=[])
+    if not valid_history(history):
+        raise BankError(f"{name} has malformed 'history' metadata.")
+    confined = meta.get("lease") or None
+    if confined is not None and not any(l.id == confined and l.active for l in leases):
+        raise BankError(f"{name} is a lease file of lease {_show(confined, 60)!r}, which it does not hold.")
+    bank = Bank(base, eps, concepts, leases, confined, history)
+    _check_geometry(bank, name)
+    return bank
+
+
+def _check_geometry(bank: Bank, name: str) -> None:
+    """No two constrained bases (or a basis and an outstanding lease) overlap; a lease file's
+    concepts lie inside its lease."""
+    if bank.probably_orthogonal():  # the fast sufficient probe; the exact Gram decides otherwise
+        labels, worst = [], torch.zeros(0)
+    else:
+        labels, worst = bank.pairwise_overlaps()
+    if worst.numel() and float(worst.max()) > ORTHOGONALITY_TOLERANCE:
+        j, i = divmod(int(worst.argmax()), worst.shape[1])
+        layer = _worst_layer(bank, labels[j], labels[i])
+        raise BankError(f"{name} breaks orthogonality: {labels[j]} and {labels[i]} overlap by "
+                        f"{float(worst.max()):.2e} on {_show(layer)} (tolerance {ORTHOGONALITY_TOLERANCE:.0e}).")
+    lease = bank.confinement
+    if lease is None:
+        return
+    for c in bank.lease_concepts(lease.id):
+        for layer, b in c.B.items():
+            u = lease.blocks.get(layer)
+            b64 = b.to(torch.float64)
+            outside = b64 if u is None else b64 - u.to(torch.float64) @ (u.to(torch.float64).T @ b64)
+            if float(outside.norm()) > ORTHOGONALITY_TOLERANCE * max(float(b64.norm()), 1e-12):
+                raise BankError(f"{name}: concept '{c.id}' leaves its lease on layer {_show(layer)}.")
+
+
+def _worst_layer(bank: Bank, first: str, second: str) -> str:
+    """The layer on which two owners (concept ids or ``lease <id>`` labels) overlap most."""
+    def blocks(label: str) -> dict[str, Tensor]:
+        if label.startswith("lease "):
+            return bank.get_lease(label[len("lease "):]).blocks
+        b = bank.get(label).B
+        return {k: v / v.norm().clamp_min(1e-30) for k, v in b.items()}
+
+    one, two = blocks(first), blocks(second)
+    shared = [k for k in one if k in two and one[k].shape[0] == two[k].shape[0]]
+    return max(shared, key=lambda k: float((one[k].double().T @ two[k].double()).norm()), default="?")
