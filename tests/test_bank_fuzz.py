@@ -189,7 +189,7 @@ def _edit_tensors(tensors: dict, meta: dict, data) -> None:
     key = data.draw(st.sampled_from(sorted(tensors)))
     kind = data.draw(st.sampled_from(["nonfinite", "shape", "odd id", "drop", "stray", "lease overlap", "scale"]))
     t = tensors[key]
-    if kind == "nonfinite":
+    if kind == "nonfinite" and t.numel():
         t = t.clone().float().reshape(-1)
         t[data.draw(st.integers(0, t.numel() - 1))] = data.draw(st.sampled_from([math.nan, math.inf, -math.inf]))
         tensors[key] = t.reshape(tensors[key].shape)
