@@ -117,6 +117,12 @@ class LoadBasisBank(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, bank_name, model=None):
+        """Re-run when the file changes (another workflow, the tab or the CLI saved it), not only
+        when the name does: ComfyUI would otherwise serve the bank it loaded first."""
+        return operations.bank_file_identity(bank_name)
+
+    @classmethod
     def execute(cls, bank_name, model=None):
         bank = operations.load_bank_file(bank_name, model)
         text = operations.info_text(bank)

@@ -68,6 +68,19 @@ def check_bank_for(bank: Bank, model, clip=None) -> None:
 
 
 # -- bank nodes ----------------------------------------------------------------------------------
+def bank_file_identity(name: str) -> str:
+    """Name plus inode, size and modification time: changes whenever the bank file is rewritten
+    (saves are atomic renames), so Load Basis Bank re-runs then."""
+    import folder_paths
+
+    path = folder_paths.get_full_path(FOLDER, name)
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        st = None
+    return f"{name}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}" if st else f"{name}:missing"
+
+
 def load_bank_file(name: str, model=None) -> Bank:
     import folder_paths
 

@@ -96,3 +96,20 @@ def test_merge_node_refuses_forks_then_rebases_and_shows_leases(stream_bank):
     assert panel_data(leased)["leases"][0]["name"] == "alice"
     assert panel_data(leased)["widths"][0]["leased_width"] == 8
     assert "lease alice" in info_text(leased)
+
+
+def test_load_node_fingerprint_follows_the_file(tmp_path, monkeypatch, stream_bank):
+    import sys
+    import types
+
+    from nodes.operations import bank_file_identity
+
+    path = tmp_path / "b.safetensors"
+    fake = types.SimpleNamespace(get_full_path=lambda folder, name: str(tmp_path / name) if (tmp_path / name).exists() else None)
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    assert bank_file_identity("b.safetensors") == "b.safetensors:missing"
+    stream_bank.save(path)
+    first = bank_file_identity("b.safetensors")
+    assert first == bank_file_identity("b.safetensors")  # unchanged file: ComfyUI may reuse its output
+    stream_bank.without(stream_bank.concepts[0].id).save(path)
+    assert bank_file_identity("b.safetensors") != first  # rewritten: Load Basis Bank runs again
