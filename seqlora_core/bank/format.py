@@ -162,7 +162,9 @@ class Bank:
         block, or, in a lease file, inside the lease's block against the lease's concepts."""
         lease = self.confinement
         if lease is None:
-            return NullSpaceProjector(in_features, self.taken_bases(layer), self.eps)
+            taken = self.taken_bases(layer)
+            stacked = [torch.cat([t.to(torch.float64) for t in taken], 1)] if taken else []  # one Gram inverse
+            return NullSpaceProjector(in_features, stacked, self.eps)
         if layer not in lease.blocks:
             raise CapacityError(f"Layer {layer} is not covered by lease '{lease.name}'; train with the "
                                 "targets of the bank the lease came from.")

@@ -68,7 +68,8 @@ def carve_block(taken: list[Tensor], in_features: int, width: int, eps: float,
     """Orthonormal columns (m × width, float32) orthogonal to every column block in ``taken``."""
     from ..method.projector import NullSpaceProjector
 
-    projector = NullSpaceProjector(in_features, [t.to(torch.float64) for t in taken], eps)
+    blocks = [torch.cat([t.to(torch.float64) for t in taken], 1)] if taken else []  # one Gram inverse
+    projector = NullSpaceProjector(in_features, blocks, eps)
     return projector.random_orthonormal(width, generator)
 
 

@@ -135,7 +135,8 @@ def rebase_concept(concept: Concept, kept: dict[str, list[Tensor]], eps: float) 
     gen = torch.Generator().manual_seed(int(concept.hash[:8], 16))
     for layer, b in concept.B.items():
         m, r = b.shape
-        projector = NullSpaceProjector(m, kept.get(layer, []), eps)
+        blocks = kept.get(layer, [])
+        projector = NullSpaceProjector(m, [torch.cat([k.to(torch.float64) for k in blocks], 1)] if blocks else [], eps)
         if projector.free_width < r:
             raise CapacityError(f"Layer {layer} has {projector.free_width} free input dimensions left, "
                                 f"too few to rebase '{concept.id}' (rank {r}).")
@@ -209,14 +210,14 @@ def _rebase_in_order(concepts: list[Concept], active: list[Lease], eps: float, r
                      entries: list, author: str | None) -> list[Concept]:
     """Keep concepts in order; rebase each constrained one that overlaps what was kept before it
     (or an outstanding lease) onto the null space of all of that."""
-    kept: dict[str, list[Tensor]] = {}
+    kept: dict[str, list[Tensor]] = {}  # layer → blocks a later basis must avoid
     for lease in active:
         for layer, block in lease.blocks.items():
             kept.setdefault(layer, []).append(block)
     out = []
     for concept in concepts:
         if concept.constrained:
-            if _worst_overlaps(concept, out, active):
+            if _overlaps_kept(concept, kept):
                 concept, change = rebase_concept(concept, kept, eps)
                 rebased.append((concept.id, change))
                 entries.append(history_entry("rebase", [(concept.id, concept.hash)], author,
@@ -227,31 +228,24 @@ def _rebase_in_order(concepts: list[Concept], active: list[Lease], eps: float, r
     return out
 
 
-def _worst_overlaps(concept: Concept, kept: list[Concept], leases: list[Lease]) -> list[tuple[str, str, float]]:
-    """(earlier, concept, overlap) for every kept concept or outstanding lease it overlaps."""
-    found = []
-    for other in kept:
-        if not other.constrained:
+def _overlaps_kept(concept: Concept, kept: dict[str, list[Tensor]]) -> bool:
+    """Whether any kept block overlaps the concept's basis beyond the tolerance on some layer:
+    ‖K_jᵀB‖_F / (‖K_j‖_F ‖B‖_F) for concept blocks, ‖UᵀB‖_F / ‖B‖_F for (orthonormal) lease
+    blocks — both at most ‖K_jᵀB‖_F / ‖B‖_F / min(1, ‖K_j‖_F), one product per layer."""
+    for layer, b in concept.B.items():
+        blocks = [k for k in kept.get(layer, []) if k.shape[0] == b.shape[0]]
+        if not blocks:
             continue
-        worst = 0.0
-        for layer, b in concept.B.items():
-            if layer in other.B:
-                bj, bi = other.B[layer].to(torch.float64), b.to(torch.float64)
-                denom = float(bj.norm() * bi.norm())
-                if denom > 0:
-                    worst = max(worst, float((bj.T @ bi).norm()) / denom)
-        if worst > ORTHOGONALITY_TOLERANCE:
-            found.append((other.id, concept.id, worst))
-    for lease in leases:
-        worst = 0.0
-        for layer, b in concept.B.items():
-            if layer in lease.blocks:
-                b64 = b.to(torch.float64)
-                worst = max(worst, float((lease.blocks[layer].to(torch.float64).T @ b64).norm() / max(float(b64.norm()), 1e-300)))
-        if worst > ORTHOGONALITY_TOLERANCE:
-            found.append((f"lease {lease.id}", concept.id, worst))
-    return found
-
+        b64 = b.to(torch.float64)
+        b_norm = float(b64.norm())
+        if b_norm == 0:
+            continue
+        for k in blocks:
+            k64 = k.to(torch.float64)
+            scale = min(1.0, float(k64.norm())) or 1.0
+            if float((k64.T @ b64).norm()) / (b_norm * scale) > ORTHOGONALITY_TOLERANCE:
+                return True
+    return False
 
 def merge_files(out, inputs: list, rebase: bool = False, renames: dict[str, str] | None = None,
                 wait: bool = False, author: str | None = None) -> MergeResult:
