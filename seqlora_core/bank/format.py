@@ -391,8 +391,14 @@ class Bank:
 
     # -- file --------------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
+        seen: set[int] = set()
+
         def f32(t: Tensor) -> Tensor:
-            return t.detach().to("cpu", torch.float32).contiguous()
+            out = t.detach().to("cpu", torch.float32).contiguous()
+            if out.data_ptr() in seen:  # two concepts sharing a tensor (a copy): safetensors needs its own
+                out = out.clone()
+            seen.add(out.data_ptr())
+            return out
 
         out = {}
         for c in self.concepts:
