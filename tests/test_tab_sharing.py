@@ -37,10 +37,11 @@ def test_lease_and_merge_from_the_bank_tab(stream_bank, tmp_path):
     assert torch.equal(merged.get("dog").B[next(iter(b))], b[next(iter(b))])
     assert not merged.active_leases and merged.max_orthogonality_error() < 1e-6
 
-    # a fork with an overlapping concept: refused, then rebased
+    # a fork of the bank from before the lease: its new concept is drawn in the fork's free space,
+    # which still contains the lease's block, so it overlaps 'dog': refused, then rebased
     fork = tmp_path / "fork.safetensors"
-    other = replace(template, id="cat", token="<cat>", hash="", created="9999",
-                    B={n: torch.linalg.qr(torch.randn(*t.shape, generator=gen))[0] for n, t in template.B.items()})
+    free = {n: stream_bank.projector(n, t.shape[0]).random_orthonormal(t.shape[1], gen) for n, t in template.B.items()}
+    other = replace(template, id="cat", token="<cat>", hash="", created="9999", B=free)
     stream_bank.with_concept(other).save(fork)
     before = bank_path.read_bytes()
     msg, *_ = actions.merge_in(None, str(fork), False)
