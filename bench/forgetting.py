@@ -178,6 +178,8 @@ def parse_args(argv=None):
     p.add_argument("--lr-a", type=float, default=None, help="default 3e-3 on tiny, 1e-4 otherwise")
     p.add_argument("--lr-b", type=float, default=None, help="default 3e-3 on tiny, 1e-4 otherwise")
     p.add_argument("--lr-embedding", type=float, default=None, help="default 1e-2 on tiny, 5e-3 otherwise")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 avoids spinning threads on a shared machine)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON and PNG")
     p.add_argument("--results-md", default=str(ROOT / "bench" / "RESULTS.md"),
                    help="markdown file whose forgetting section is replaced ('' to skip)")
@@ -200,6 +202,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.time()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     host = DiffusersHost.load(args.base, args.device, torch.float32)
     stream = PHOTOS[:args.concepts]
@@ -228,7 +232,8 @@ def main(argv=None) -> dict:
                      "steps": args.steps, "bilevel_iters": args.bilevel_iters, "inner_steps": args.inner_steps,
                      "rank": args.rank, "lr_a": args.lr_a, "lr_b": args.lr_b, "lr_embedding": args.lr_embedding,
                      "seeds": args.seeds, "methods": args.methods, "presets": args.presets,
-                     "concepts": [t for t, _, _ in stream], "dtype": "float32"},
+                     "concepts": [t for t, _, _ in stream], "dtype": "float32",
+                     "threads": torch.get_num_threads()},
         "note": HONESTY if random_base else "Real base weights.",
         "seconds_total": time.time() - start, "summary": summary, "runs": runs,
     }

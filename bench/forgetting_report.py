@@ -112,10 +112,11 @@ def markdown(result: dict, json_name: str) -> str:
     m = result["machine"]
     seeds = ",".join(str(x) for x in s["seeds"])
     command = (f"python bench/forgetting.py --base {s['base']} --device {m['device'].split(':')[0]} "
-               f"--concepts {len(s['concepts'])} --steps {s['steps']} --seeds {seeds}")
+               f"--concepts {len(s['concepts'])} --steps {s['steps']} --bilevel-iters {s['bilevel_iters']} --seeds {seeds}"
+               + (f" --threads {s['threads']}" if s.get("threads") == 1 else ""))
     lines = [BEGIN, "## Forgetting, crosstalk and composition (`bench/forgetting.py`)", "",
              f"**{result['note']}**", "",
-             f"{m['device_name']} ({m['cores']} cores, torch {m['torch']}, fp32, {result['date'][:10]}, load average "
+             f"{m['device_name']} ({m['cores']} cores, {s.get('threads', '?')} torch thread(s), torch {m['torch']}, fp32, {result['date'][:10]}, load average "
              f"{m['load_average_at_end'][1]:.1f} over the last 5 min at the end); base `{s['base']}`, "
              f"{s['resolution']} px, {len(s['concepts'])} concepts ({', '.join(s['concepts'])}), {s['steps']} minibatches "
              f"× K = {s['bilevel_iters']} per concept, T = {s['inner_steps']}, rank {s['rank']}, "

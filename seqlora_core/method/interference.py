@@ -26,7 +26,6 @@ principal directions; q = m gives the exact value).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -82,7 +81,8 @@ def top_energy_in(root: Tensor, rank: int) -> float:
 @dataclass
 class Interference:
     """matrix[i][j]: energy of concept j's residual on concept i's inputs over concept i's own
-    (None on the diagonal and where concept i has no statistics); layers[name][i][j]: that layer's
+    (None on the diagonal, and in the rows of ``missing_stats``: concepts without statistics or
+    without an effect of their own on them); layers[name][i][j]: that layer's
     share of matrix[i][j] (the shares add up to the matrix)."""
     concepts: list[str]
     matrix: list[list[float | None]]
@@ -129,6 +129,9 @@ def interference_matrix(ids: Sequence[str], factors: Sequence[LayerFactors],
         roots = {l: moment_root(moments[l]) for l in own_layers}
         own = sum(float((factors[i][l][0].double() @ (factors[i][l][1].double().T @ roots[l])).pow(2).sum())
                   for l in own_layers)
+        if own <= 0:  # no effect of its own to compare with (e.g. A = 0): the ratios are undefined
+            missing.append(ids[i])
+            continue
         for j in range(n):
             if j == i:
                 continue
@@ -138,10 +141,10 @@ def interference_matrix(ids: Sequence[str], factors: Sequence[LayerFactors],
                     continue
                 a, b = factors[j][l]
                 e = float((a.double() @ (b.double().T @ roots[l])).pow(2).sum())
-                share = e / own if own > 0 else math.inf
+                share = e / own
                 layer_shares.setdefault(l, [[None] * n for _ in range(n)])[i][j] = share
                 total += e
-            matrix[i][j] = total / own if own > 0 else math.inf
+            matrix[i][j] = total / own
     return Interference(list(ids), matrix, layer_shares, missing)
 
 
@@ -155,7 +158,7 @@ def bank_interference(bank) -> Interference:
 
 def concept_moments(concept) -> dict[str, Moment] | None:
     """A bank concept's per-layer input moments, or None for a concept saved without them."""
-    return getattr(concept, "stats", None) or None
+    return concept.stats or None
 
 
 # -- forecast before training, measured exposure after -----------------------------------------
