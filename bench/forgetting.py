@@ -47,6 +47,7 @@ from forgetting_report import update_results_md, write_plot  # noqa: E402
 from seqlora_core.app.demo import STREAM, write_photos  # noqa: E402
 from seqlora_core.app.evaluate import concept_loss, crosstalk  # noqa: E402
 from seqlora_core.app.images import load_images  # noqa: E402
+from seqlora_core.errors import SeqLoRAError  # noqa: E402
 from seqlora_core.hosts.diffusers_host import DiffusersHost  # noqa: E402
 from seqlora_core.method.trainer import TrainSettings, new_bank, train_concept  # noqa: E402
 
@@ -175,8 +176,8 @@ def parse_args(argv=None):
     p.add_argument("--inner-steps", type=int, default=2)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--resolution", type=int, default=None, help="default 64 on tiny, 512 otherwise")
-    p.add_argument("--lr-a", type=float, default=None, help="default 3e-3 on tiny, 1e-4 otherwise")
-    p.add_argument("--lr-b", type=float, default=None, help="default 3e-3 on tiny, 1e-4 otherwise")
+    p.add_argument("--lr-a", type=float, default=None, help="default 2e-3 on tiny, 1e-4 otherwise")
+    p.add_argument("--lr-b", type=float, default=None, help="default 2e-3 on tiny, 1e-4 otherwise")
     p.add_argument("--lr-embedding", type=float, default=None, help="default 1e-2 on tiny, 5e-3 otherwise")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default; 1 avoids spinning threads on a shared machine)")
@@ -187,8 +188,8 @@ def parse_args(argv=None):
     tiny = args.base == "tiny"
     args.steps = args.steps or (30 if tiny else 200)
     args.resolution = args.resolution or (64 if tiny else 512)
-    args.lr_a = args.lr_a or (3e-3 if tiny else 1e-4)
-    args.lr_b = args.lr_b or (3e-3 if tiny else 1e-4)
+    args.lr_a = args.lr_a or (2e-3 if tiny else 1e-4)
+    args.lr_b = args.lr_b or (2e-3 if tiny else 1e-4)
     args.lr_embedding = args.lr_embedding or (1e-2 if tiny else 5e-3)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -216,11 +217,15 @@ def main(argv=None) -> dict:
           f"seeds {args.seeds}", flush=True)
     if random_base:
         print(f"note: {HONESTY}", flush=True)
-    runs = []
+    runs, failed = [], []
     for seed in args.seeds:
         for preset in args.presets:
             for method in args.methods:
-                runs.append(run_stream(host, args, method, preset, seed, stream, pixels))
+                try:
+                    runs.append(run_stream(host, args, method, preset, seed, stream, pixels))
+                except SeqLoRAError as exc:  # e.g. divergence: recorded and left out of the summary
+                    print(f"    {method:<12} {preset:<10} seed {seed} FAILED: {exc}", flush=True)
+                    failed.append({"method": method, "preset": preset, "seed": seed, "error": str(exc)})
     summary = summarise(runs)
     cuda = host.device.type == "cuda"
     result = {
@@ -235,7 +240,7 @@ def main(argv=None) -> dict:
                      "concepts": [t for t, _, _ in stream], "dtype": "float32",
                      "threads": torch.get_num_threads()},
         "note": HONESTY if random_base else "Real base weights.",
-        "seconds_total": time.time() - start, "summary": summary, "runs": runs,
+        "seconds_total": time.time() - start, "summary": summary, "runs": runs, "failed": failed,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -75,13 +75,16 @@ def write_plot(result: dict, path: Path) -> None:
     methods = result["settings"]["methods"]
     seed = result["settings"]["seeds"][0]
     first = {(r["preset"], r["method"]): r for r in runs if r["seed"] == seed}
+    methods = [m for m in methods if any((p, m) in first for p in presets)]
     top = max([v for r in first.values() for row in r["forgetting"] for v in row if v is not None and v > 0],
               default=1e-6)
     rows = []
     for preset in presets:
         tiles = [curves_image(mean_curves(runs, preset), f"forgetting curves, targets '{preset}'")]
         for method in methods:
-            run = first[(preset, method)]
+            run = first.get((preset, method))
+            if run is None:
+                continue
             labels = [t.strip("<>") for t in run["concepts"]]
             tiles.append(Image.fromarray(heatmap_image(run["forgetting"], labels, f"{method} ({preset})", top=top)))
         height = max(t.height for t in tiles)
@@ -132,6 +135,8 @@ def markdown(result: dict, json_name: str) -> str:
                          f"{_cell(v['crosstalk_other_prompts'], '.3f')} | {_cell(v['crosstalk_neutral_prompt'], '.3f')} | "
                          f"{_cell(v['composition_drift'], '.3f')} | {_cell(v['seconds_per_concept'], '.1f')} | "
                          f"{_cell(v['peak_memory_mb'], '.0f')} |")
+    for f in result.get("failed", []):
+        lines.append(f"| {f['preset']} | {f['method']} (seed {f['seed']}) | failed: {f['error']} | | | | | | | |")
     lines += ["", "Forgetting: a concept's denoising loss (fixed images, noise and timesteps) after the whole stream "
               "minus right after its own training, over every concept but the last. Composition loss: mean loss of "
               "every concept with all applied. Crosstalk: how far one concept alone moves the noise prediction of "

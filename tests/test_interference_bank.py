@@ -78,3 +78,14 @@ def test_cli_forecast_then_interference(photos, tmp_path):
     assert data["layers"] and data["worst_layers"][0]["layer"] in data["layers"]
     text = cli("bank", "interference", bank)
     assert "worst layers:" in text and "most disturbed:" in text and "random-weight" in text
+
+
+def test_bank_tab_view_shows_the_heat_map_and_the_words(stream_bank):
+    from seqlora_ui.interference_view import interference_view
+
+    text, image = interference_view(stream_bank)
+    assert "worst layers:" in text and "random-weight" in text
+    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype.name == "uint8"
+    red_cells = ((image[..., 0] == 255) & (image[..., 1] < 128)).sum()
+    assert red_cells > 0  # the worst pair is drawn strongly red
+    assert interference_view(None)[1] is None
