@@ -12,7 +12,8 @@ Per run: the loss matrix (every concept's denoising loss after each later concep
 and timesteps), the forgetting matrix (that minus the loss right after its own training), mean
 and worst forgetting after the whole stream, crosstalk (``evaluate.crosstalk``: a concept's effect
 on a prompt without its token and on the other concepts' prompts, relative to its own effect),
-the composition loss with all concepts applied, time per concept and peak memory (CPU: resident
+the composition loss with all concepts applied, the mean of the bank's interference matrix
+(``method.interference``, from the statistics stored with each concept), time per concept and peak memory (CPU: resident
 memory above the loaded model, sampled; GPU: torch's peak allocation). Several ``--seeds`` give a
 mean and spread. Writes ``bench/results/forgetting-<base>-<device>.json`` and ``.png`` and the
 markdown table into ``bench/RESULTS.md`` (between its forgetting markers).
@@ -49,6 +50,7 @@ from seqlora_core.app.evaluate import concept_loss, crosstalk  # noqa: E402
 from seqlora_core.app.images import load_images  # noqa: E402
 from seqlora_core.errors import SeqLoRAError  # noqa: E402
 from seqlora_core.hosts.diffusers_host import DiffusersHost  # noqa: E402
+from seqlora_core.method.interference import bank_interference  # noqa: E402
 from seqlora_core.method.trainer import TrainSettings, new_bank, train_concept  # noqa: E402
 
 # the demo's four photos, then more that ship inside scikit-image (no download)
@@ -128,6 +130,8 @@ def run_stream(host, args, method: str, preset: str, seed: int, stream, pixels) 
     final = [forgetting[i][n - 1] for i in range(n - 1)]
     cross = crosstalk(host, bank, pixels)
     off_diagonal = [v for row in cross["matrix"] for v in row if v is not None]
+    inter = bank_interference(bank)  # from the statistics stored with each concept
+    inter_values = [v for row in inter.matrix for v in row if v is not None]
     return {
         "method": method, "preset": preset, "seed": seed, "concepts": [t for t, _, _ in stream],
         "losses": losses, "forgetting": forgetting,
@@ -139,13 +143,16 @@ def run_stream(host, args, method: str, preset: str, seed: int, stream, pixels) 
         "crosstalk_other_prompts": statistics.fmean(off_diagonal) if off_diagonal else 0.0,
         "crosstalk_neutral_prompt": statistics.fmean(cross["neutral"]),
         "composition_drift": statistics.fmean(cross["composition"]),
+        "interference": {"matrix": inter.matrix, "missing_stats": inter.missing_stats},
+        "interference_mean": statistics.fmean(inter_values) if inter_values else None,
         "seconds_per_concept": statistics.fmean(seconds), "peak_memory_mb": memory.peak,
         "max_orthogonality_error": bank.max_orthogonality_error(constrained_only=False),
     }
 
 
 SUMMARY_KEYS = ("mean_forgetting", "worst_forgetting", "own_loss", "composition_loss", "crosstalk_other_prompts",
-                "crosstalk_neutral_prompt", "composition_drift", "seconds_per_concept", "peak_memory_mb")
+                "crosstalk_neutral_prompt", "composition_drift", "interference_mean", "seconds_per_concept",
+                "peak_memory_mb")
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -154,7 +161,8 @@ def summarise(runs: list[dict]) -> dict:
     for run in runs:
         cell = out.setdefault(run["preset"], {}).setdefault(run["method"], {})
         for key in SUMMARY_KEYS:
-            cell.setdefault(key, []).append(run[key])
+            if run.get(key) is not None:
+                cell.setdefault(key, []).append(run[key])
     for methods in out.values():
         for cell in methods.values():
             for key, values in cell.items():

@@ -126,23 +126,28 @@ def markdown(result: dict, json_name: str) -> str:
              f"lr {s['lr_a']:g}/{s['lr_b']:g}/{s['lr_embedding']:g}; seeds {seeds} (± = spread over seeds); "
              f"{result['seconds_total'] / 60:.0f} min in all.", "",
              "| targets | method | mean forgetting | worst forgetting | composition loss | crosstalk: other concepts' prompts | "
-             "crosstalk: prompt without the token | composition drift | s / concept | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "crosstalk: prompt without the token | composition drift | interference (stored statistics) | s / concept | "
+             "peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset, methods in result["summary"].items():
         for method, v in methods.items():
             lines.append(f"| {preset} | {method} | {_cell(v['mean_forgetting'], '+.5f')} | "
                          f"{_cell(v['worst_forgetting'], '+.5f')} | {_cell(v['composition_loss'], '.5f')} | "
                          f"{_cell(v['crosstalk_other_prompts'], '.3f')} | {_cell(v['crosstalk_neutral_prompt'], '.3f')} | "
-                         f"{_cell(v['composition_drift'], '.3f')} | {_cell(v['seconds_per_concept'], '.1f')} | "
+                         f"{_cell(v['composition_drift'], '.3f')} | "
+                         f"{_cell(v['interference_mean'], '.4f') if 'interference_mean' in v else '-'} | "
+                         f"{_cell(v['seconds_per_concept'], '.1f')} | "
                          f"{_cell(v['peak_memory_mb'], '.0f')} |")
     for f in result.get("failed", []):
-        lines.append(f"| {f['preset']} | {f['method']} (seed {f['seed']}) | failed: {f['error']} | | | | | | | |")
+        lines.append(f"| {f['preset']} | {f['method']} (seed {f['seed']}) | failed: {f['error']} | | | | | | | | |")
     lines += ["", "Forgetting: a concept's denoising loss (fixed images, noise and timesteps) after the whole stream "
               "minus right after its own training, over every concept but the last. Composition loss: mean loss of "
               "every concept with all applied. Crosstalk: how far one concept alone moves the noise prediction of "
               "another concept's prompt, or of the prompt \"a photo of a <init word>\", relative to how far it moves "
               "its own prompt (token embeddings registered in every case: the residuals' effect); composition drift: "
-              "all the others together on a concept's prompt, same scale. 0 = no bleeding.", "",
+              "all the others together on a concept's prompt, same scale. 0 = no bleeding. Interference: mean "
+              "off-diagonal entry of `bank interference` on the final bank (energy of one concept's residual on "
+              "another's layer inputs relative to the latter's own, from the stored activation statistics).", "",
               f"Reproduce: `{command}` (JSON: `bench/results/{json_name}`, plot beside it).", "",
               f"![forgetting curves and matrices](results/{Path(json_name).with_suffix('.png').name})", END]
     return "\n".join(lines)

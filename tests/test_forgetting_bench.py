@@ -32,6 +32,8 @@ def test_forgetting_benchmark_two_concepts_two_steps(tmp_path):
         assert run["composition_loss"] == sum(losses[1]) / 2
         cross = run["crosstalk"]
         assert cross["matrix"][0][0] is None and cross["matrix"][0][1] >= 0 and cross["neutral"][0] >= 0
+        assert run["interference"]["missing_stats"] == [] and run["interference"]["matrix"][1][0] >= 0
+        assert run["interference_mean"] is not None and run["interference_mean"] >= 0
         assert run["seconds_per_concept"] > 0 and run["peak_memory_mb"] >= 0
         if run["method"] in ("seqlora", "alternating", "frozen-basis"):
             assert run["max_orthogonality_error"] < 1e-4
