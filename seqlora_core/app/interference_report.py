@@ -22,7 +22,7 @@ def honesty_line(bank) -> str | None:
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    return "-" if value is None else f"{value:.3g}"
 
 
 def matrix_lines(result: Interference, worst: int = 3) -> list[str]:
@@ -34,11 +34,11 @@ def matrix_lines(result: Interference, worst: int = 3) -> list[str]:
     pair = result.worst_pair()
     if pair is not None:
         affected, added, value = pair
-        lines.append(f"most disturbed: {affected} by {added}: {value:.4f} of {affected}'s own residual energy")
+        lines.append(f"most disturbed: {affected} by {added}: {value:.3g} times {affected}'s own residual energy")
     layers = result.worst_layers(worst)
     if layers:
         lines.append("worst layers:")
-        lines += [f"  {name}  {value:.4f} ({added} on {affected})" for name, value, affected, added in layers]
+        lines += [f"  {name}  {value:.3g} ({added} on {affected})" for name, value, affected, added in layers]
     if result.missing_stats:
         lines.append("no activation statistics (trained before bank format 2 or with --stats-q 0), rows left "
                      f"empty: {', '.join(result.missing_stats)}")
