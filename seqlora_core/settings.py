@@ -90,7 +90,7 @@ TRAINING_SETTINGS: tuple[Setting, ...] = (
             "paper: the cross-Hessian term of the first inner step (DESIGN §3); unrolled: back-propagate "
             "through all T inner steps", choices=("paper", "unrolled"), advanced=True),
     Setting("targets", str, "default", "Target layers",
-            "default | full | comma-separated regular expressions over layer names", advanced=True),
+            "default | unet-cross (no text encoder) | full | comma-separated regular expressions over layer names", advanced=True),
     Setting("memory", str, "default", "Memory",
             "low: build the twice-differentiated graph only after A⁺ is known, so it is never held while "
             "other passes run (lower peak, one extra forward and backward per iteration; seqlora with the "

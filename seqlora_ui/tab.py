@@ -212,6 +212,14 @@ class TabActions:
             msg = _error(exc)
         return (msg, *self.refresh())
 
+    def show_interference(self):
+        from .interference_view import interference_view
+
+        try:
+            return interference_view(self.session.bank())
+        except SeqLoRAError as exc:
+            return _error(exc), None
+
     def remove(self, ident):
         try:
             with BankSession(self.session.bank_path, purpose="removing in the SeqLoRA tab") as locked:
@@ -328,6 +336,11 @@ def build_tab(session: TabSession):
                 lease_rank = gr.Number(label="Rank", value=4, precision=0)
                 lease_btn = gr.Button("Lease", elem_id="seqlora_lease")
                 lease_file = gr.File(label="Lease file", interactive=False)
+            with gr.Row():
+                interference_btn = gr.Button("Interference", elem_id="seqlora_interference")
+            with gr.Row():
+                interference_map = gr.Image(label="Interference", interactive=False)
+                interference_text = gr.HTML(elem_id="seqlora_interference_text")
         with gr.Tab("Compose"):
             compose_ids = gr.CheckboxGroup(label="Concepts", choices=[], elem_id="seqlora_compose_ids")
             strengths = gr.Textbox(label="Strengths (id:0.8, …; default 1)", value="")
@@ -347,6 +360,7 @@ def build_tab(session: TabSession):
         refresh_btn.click(actions.refresh, None, listing)
         merge_btn.click(actions.merge_in, [merge_upload, merge_path, merge_rebase], [bank_status, *listing])
         lease_btn.click(actions.lease_out, [lease_name, lease_count, lease_rank], [bank_status, lease_file, *listing])
+        interference_btn.click(actions.show_interference, None, [interference_text, interference_map])
         preview_btn.click(actions.compose, [compose_ids, strengths, prompt], [compose_status, preview])
         export_btn.click(actions.export, [compose_ids], [compose_status, exported])
         tab.load(actions.refresh, None, listing)

@@ -44,7 +44,7 @@ def test_every_compvis_attention_linear_maps_onto_a_diffusers_layer():
     unet_names = {n for n in layers if n.startswith("unet.")}
     assert len(unet_names) == 16 * 10  # q, k, v, out × 2 attentions, proj ff ×2 … per transformer block
     assert unet_names <= diffusers_names  # each CompVis path lands on a real diffusers layer
-    for preset in ("default", "full"):
+    for preset in ("default", "unet-cross", "full"):
         wanted = {n for n in select_layers({n: None for n in diffusers_names} | {n: None for n in layers
                                                                                if n.startswith("text_encoder.")},
                                            preset)}

@@ -34,6 +34,13 @@ def test_default_preset_holds_at_least_101_concepts_at_rank_4(sd15_layers):
     assert len([n for n in chosen if n.startswith("text_encoder.")]) == 48  # 12 layers × q, k, v, out
 
 
+def test_unet_cross_preset_leaves_the_text_encoder_alone(sd15_layers):
+    chosen = select_layers(sd15_layers, "unet-cross")
+    assert len(chosen) == 32 and all(n.startswith("unet.") and ".attn2.to_" in n for n in chosen)
+    assert set(chosen) < set(select_layers(sd15_layers, "default"))  # the default's UNet half exactly
+    assert min(m.in_features // 4 for m in chosen.values()) == 192
+
+
 def test_full_preset_is_limited_by_its_320_wide_layers(sd15_layers):
     chosen = select_layers(sd15_layers, "full")
     assert min(m.in_features // 4 for m in chosen.values()) == 80

@@ -69,6 +69,11 @@ def cmd_train(args) -> None:
         settings = train_settings({**given, "eps": bank.eps,
                                    "resolution": args.resolution or default_resolution(host)})
         pixels = load_images(args.images, settings.resolution)
+        forecast = None
+        if args.forecast or args.forecast_only:
+            forecast = print_forecast(host, bank, pixels, args.token, args.init_word, settings)
+            if args.forecast_only:
+                return
         bars = []  # opened at the first finished step, so an input error prints no empty bar
 
         def progress(step, total, loss):
@@ -93,6 +98,24 @@ def cmd_train(args) -> None:
     if result.skipped_steps:
         print(f"note: {result.skipped_steps} step(s) had non-finite gradients in {str(host.dtype).removeprefix('torch.')} "
               f"and were skipped (loss scale now {result.loss_scale:g})", file=sys.stderr)
+    if args.forecast:
+        from ..method.interference import bank_interference
+        from .interference_report import after_training_lines
+
+        print("\n".join(after_training_lines(result.bank, result.concept.id, forecast,
+                                             bank_interference(result.bank))))
+
+
+def print_forecast(host, bank, pixels, token, init_word, settings):
+    """The forecast of ``train --forecast``: one pass over the new images, no training step."""
+    from ..method.forecast import forecast_training
+    from .interference_report import forecast_lines, honesty_line
+
+    forecast = forecast_training(host, bank, pixels, token, init_word, settings)
+    lines = forecast_lines(forecast, token)
+    note = honesty_line(bank) if bank.concepts else None
+    print("\n".join(lines + ([note] if note else [])), flush=True)
+    return forecast
 
 
 def cmd_bank_info(args) -> None:
@@ -130,6 +153,25 @@ def cmd_bank_info(args) -> None:
             ids = ", ".join(f"{c['id']} {c['hash'][:8]}" for c in e["concepts"])
             extra = "  ".join(str(e[k]) for k in ("lease", "author", "note") if e.get(k))
             print(f"  {e['time']}  {e['action']:<7} {ids}  {extra}".rstrip())
+
+
+def cmd_bank_interference(args) -> None:
+    from ..bank.format import load_bank
+    from ..method.interference import bank_interference
+    from .interference_report import honesty_line, matrix_lines
+
+    bank = load_bank(args.file)
+    result = bank_interference(bank)
+    note = honesty_line(bank)
+    if args.json:
+        print(json.dumps({**result.to_json(), "worst_layers": [
+            {"layer": name, "share": value, "affected": affected, "added": added}
+            for name, value, affected, added in result.worst_layers(args.worst)], "note": note}))
+        return
+    if not bank.concepts:
+        print("the bank holds no concepts")
+        return
+    print("\n".join(matrix_lines(result, args.worst) + ([note] if note else [])))
 
 
 def cmd_bank_remove(args) -> None:
@@ -276,6 +318,10 @@ def _add_train(sub) -> None:
     t.add_argument("--token", required=True, help='e.g. "<astro>"')
     t.add_argument("--init-word", default="object")
     add_setting_flags(t)
+    t.add_argument("--forecast", action="store_true",
+                   help="before training, forecast how much of each earlier concept the new one can disturb; "
+                        "after, print the measured interference row and column")
+    t.add_argument("--forecast-only", action="store_true", help="print the forecast and stop (the bank is not changed)")
     _writer_args(t)
     t.set_defaults(func=cmd_train)
 
@@ -294,6 +340,11 @@ def _add_bank(sub) -> None:
     bi.add_argument("--json", action="store_true")
     bi.add_argument("--history", type=int, default=20, help="how many recent history entries to show")
     bi.set_defaults(func=cmd_bank_info)
+    bx = bsub.add_parser("interference", help="how much each concept's residual disturbs each other's layer inputs")
+    bx.add_argument("file")
+    bx.add_argument("--json", action="store_true")
+    bx.add_argument("--worst", type=int, default=3, help="how many of the worst layers to name")
+    bx.set_defaults(func=cmd_bank_interference)
     br = bsub.add_parser("remove")
     br.add_argument("file")
     br.add_argument("--concept", required=True)

@@ -23,16 +23,18 @@ STREAM = (("<chelsea>", "cat", "chelsea"), ("<coffee>", "cup", "coffee"),
 RESOLUTION = 64
 
 
-def write_photos(folder: Path) -> dict[str, Path]:
-    """Three views (full frame, left and right crops) of each photo, as PNG files."""
+def write_photos(folder: Path, stream=STREAM) -> dict[str, Path]:
+    """Three views (full frame, left and right crops) of each photo of ``stream``, as PNG files."""
     import skimage.data
     from PIL import Image
 
     dirs = {}
-    for token, _, name in STREAM:
+    for token, _, name in stream:
         d = folder / token.strip("<>")
         d.mkdir(parents=True, exist_ok=True)
-        img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        array = getattr(skimage.data, name)()
+        array = array[0] if isinstance(array, tuple) else array  # stereo pairs: the left view
+        img = Image.fromarray(array).convert("RGB")
         w, h = img.size
         side = int(min(w, h) * 0.8)
         views = [img, img.crop((0, 0, side, side)), img.crop((w - side, h - side, w, h))]

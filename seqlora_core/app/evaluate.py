@@ -19,21 +19,19 @@ EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
 @torch.no_grad()
-def concept_predictions(host: Host, bank: Bank, token: str, pixels: Tensor, applied: list[str] | None = None,
-                        seed: int = 1234) -> tuple[Tensor, Tensor]:
-    """(ε̂, ε) for every image × EVAL_TIMESTEPS, with the ``applied`` concepts (default all) composed.
+def prompt_predictions(host: Host, bank: Bank, prompt: str, pixels: Tensor, applied: list[str] | None,
+                       embeddings: dict[str, Tensor], seed: int = 1234) -> tuple[Tensor, Tensor]:
+    """(ε̂, ε), each (N·len(EVAL_TIMESTEPS), 4, h, w), for ``prompt`` on every image × EVAL_TIMESTEPS
+    with the ``applied`` concepts (None = all, [] = none) composed and ``embeddings`` registered.
 
     Noise and timesteps depend only on ``seed`` and the images, so two calls differ only by the
-    concepts applied. The concept's own token embedding is always used.
+    prompt and the concepts applied.
     """
-    if not any(c.token == token for c in bank.concepts):
-        raise InputError(f"Token {token} is not in the bank.")
     layers = host.linear_layers()
     latents = encode_latents(host, pixels)
     gen = torch.Generator().manual_seed(seed)
     alphas = host.alphas_cumprod()
     preds, noises = [], []
-    embeddings = {c.token: c.embedding for c in bank.concepts if c.token == token}
     with LoRAHooks({n: layers[n] for n in bank.layer_shapes() if n in layers}) as hooks:
         if applied is None or applied:
             hooks.set_composed(bank.composed_factors(applied))
@@ -42,10 +40,20 @@ def concept_predictions(host: Host, bank: Bank, token: str, pixels: Tensor, appl
             idx = torch.full((len(t),), i)
             noise = torch.randn((len(t), *latents.shape[1:]), generator=gen).to(host.device)
             noisy = noisy_batch(latents, alphas, idx.to(host.device), noise, t.to(host.device))
-            cond = host.encode_text([f"a photo of {token}"] * len(t), embeddings)
+            cond = host.encode_text([prompt] * len(t), embeddings)
             preds.append(host.predict_noise(noisy, t.to(host.device), cond).float())
             noises.append(noise.float())
     return torch.cat(preds), torch.cat(noises)
+
+
+def concept_predictions(host: Host, bank: Bank, token: str, pixels: Tensor, applied: list[str] | None = None,
+                        seed: int = 1234) -> tuple[Tensor, Tensor]:
+    """(ε̂, ε) for "a photo of <token>" on the concept's images with the ``applied`` concepts
+    (default all) composed; the concept's own token embedding is always used."""
+    if not any(c.token == token for c in bank.concepts):
+        raise InputError(f"Token {token} is not in the bank.")
+    embeddings = {c.token: c.embedding for c in bank.concepts if c.token == token}
+    return prompt_predictions(host, bank, f"a photo of {token}", pixels, applied, embeddings, seed)
 
 
 def concept_loss(host: Host, bank: Bank, token: str, pixels: Tensor, applied: list[str] | None = None,
@@ -62,3 +70,42 @@ def output_drift(host: Host, bank: Bank, token: str, pixels: Tensor, own: list[s
     p_own, _ = concept_predictions(host, bank, token, pixels, own)
     p_none, _ = concept_predictions(host, bank, token, pixels, [])
     return float((p_all - p_own).norm() / (p_own - p_none).norm().clamp_min(1e-12))
+
+
+def _distance(p: Tensor, q: Tensor) -> float:
+    return float((p - q).norm())
+
+
+def crosstalk(host: Host, bank: Bank, pixels: dict[str, Tensor], seed: int = 1234) -> dict:
+    """How much each concept moves predictions it should leave alone, relative to its own effect.
+
+    For concept i (token t_i, images X_i, own effect e_i = ‖ε̂_{i}(t_i) − ε̂_∅(t_i)‖):
+    ``matrix[i][j]`` = ‖ε̂_{j}(t_i) − ε̂_∅(t_i)‖ / e_i, concept j alone on i's prompt and images;
+    ``neutral[i]`` = ‖ε̂_{i}(w_i) − ε̂_∅(w_i)‖ / e_i on the prompt "a photo of a <init word>",
+    which lacks the token; ``composition[i]`` = ‖ε̂_all(t_i) − ε̂_{i}(t_i)‖ / e_i, all the others
+    together. 0 everywhere = no bleeding. ``pixels`` maps every concept's token to its images.
+    """
+    concepts = bank.concepts
+    n = len(concepts)
+    matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
+    neutral, composition, own_effect = [], [], []
+    for i, c in enumerate(concepts):
+        px = pixels[c.token]
+        emb = {c.token: c.embedding}
+        prompt = f"a photo of {c.token}"
+        none = prompt_predictions(host, bank, prompt, px, [], emb, seed)[0]
+        own = prompt_predictions(host, bank, prompt, px, [c.id], emb, seed)[0]
+        every = prompt_predictions(host, bank, prompt, px, None, emb, seed)[0]
+        effect = max(_distance(own, none), 1e-12)
+        own_effect.append(effect)
+        composition.append(_distance(every, own) / effect)
+        for j, other in enumerate(concepts):
+            if j != i:
+                moved = prompt_predictions(host, bank, prompt, px, [other.id], emb, seed)[0]
+                matrix[i][j] = _distance(moved, none) / effect
+        plain = f"a photo of a {c.init_word or 'thing'}"
+        plain_none = prompt_predictions(host, bank, plain, px, [], {}, seed)[0]
+        plain_own = prompt_predictions(host, bank, plain, px, [c.id], {}, seed)[0]
+        neutral.append(_distance(plain_own, plain_none) / effect)
+    return {"concepts": [c.id for c in concepts], "matrix": matrix, "neutral": neutral,
+            "composition": composition, "own_effect": own_effect}

@@ -3,6 +3,9 @@
 ``default``  inputs of width 768 on SD-1.5: UNet cross-attention to_k / to_v (they read the text
              embedding) and every text-encoder attention projection. Capacity 768 / 4 = 192
              concepts at rank 4, above the paper's largest stream (101).
+``unet-cross``  UNet cross-attention to_k / to_v only; the text encoder is left alone, so a
+             concept's residual acts on the text features inside the UNet only. Same capacity as
+             ``default``; ``bench/forgetting.py`` measures which of the two leaks less.
 ``full``     every UNet attention projection (self- and cross-attention q, k, v, out) plus the
              text encoder's: higher fidelity, but the 320-wide layers of the outer blocks hold
              only 80 concepts at rank 4.
@@ -20,6 +23,7 @@ from ..errors import InputError
 TEXT_ATTENTION = r"^text_encoder\..*self_attn\.(q|k|v|out)_proj$"
 PRESETS: dict[str, list[str]] = {
     "default": [r"^unet\..*attn2\.to_[kv]$", TEXT_ATTENTION],
+    "unet-cross": [r"^unet\..*attn2\.to_[kv]$"],
     "full": [r"^unet\..*attn[12]\.(to_q|to_k|to_v|to_out\.0)$", TEXT_ATTENTION],
 }
 

@@ -1,0 +1,278 @@
+"""The paper's comparison, one command: forgetting, crosstalk and composition per method.
+
+The same stream of photo concepts (scikit-image photos: same images, seeds and settings) is
+trained with every method and target preset:
+
+* ``seqlora``, ``alternating``, ``frozen-basis``: one after another, bases orthogonal;
+* ``lora``: one after another, unconstrained (each sees the earlier ones applied);
+* ``independent``: each concept trained alone on the base (unconstrained LoRA), then all summed —
+  what users do today with separate LoRA files.
+
+Per run: the loss matrix (every concept's denoising loss after each later concept, fixed noise
+and timesteps), the forgetting matrix (that minus the loss right after its own training), mean
+and worst forgetting after the whole stream, crosstalk (``evaluate.crosstalk``: a concept's effect
+on a prompt without its token and on the other concepts' prompts, relative to its own effect),
+the composition loss with all concepts applied, the mean of the bank's interference matrix
+(``method.interference``, from the statistics stored with each concept), time per concept and peak memory (CPU: resident
+memory above the loaded model, sampled; GPU: torch's peak allocation). Several ``--seeds`` give a
+mean and spread. Writes ``bench/results/forgetting-<base>-<device>.json`` and ``.png`` and the
+markdown table into ``bench/RESULTS.md`` (between its forgetting markers).
+
+    python bench/forgetting.py                                 # tiny, 4 concepts, CPU
+    python bench/forgetting.py --base v1-5-pruned-emaonly.safetensors --device cuda --concepts 8 --seeds 0,1,2
+
+On ``tiny`` and ``sd15-random`` the weights are random: the figures show the machinery (how much
+each method lets concepts disturb one another), not image quality.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from forgetting_report import update_results_md, write_plot  # noqa: E402
+
+from seqlora_core.app.demo import STREAM, write_photos  # noqa: E402
+from seqlora_core.app.evaluate import concept_loss, crosstalk  # noqa: E402
+from seqlora_core.app.images import load_images  # noqa: E402
+from seqlora_core.errors import SeqLoRAError  # noqa: E402
+from seqlora_core.hosts.diffusers_host import DiffusersHost  # noqa: E402
+from seqlora_core.method.interference import bank_interference  # noqa: E402
+from seqlora_core.method.trainer import TrainSettings, new_bank, train_concept  # noqa: E402
+
+# the demo's four photos, then more that ship inside scikit-image (no download)
+PHOTOS = STREAM + (("<galaxy>", "galaxy", "hubble_deep_field"), ("<tissue>", "tissue", "immunohistochemistry"),
+                   ("<retina>", "eye", "retina"), ("<motorbike>", "motorcycle", "stereo_motorcycle"))
+METHODS = ("seqlora", "alternating", "frozen-basis", "lora", "independent")
+PRESETS = ("default", "unet-cross")
+RANDOM_BASES = ("tiny", "sd15-random")
+HONESTY = ("The base has random weights: these figures show the machinery (how much each method lets "
+           "concepts disturb one another, measured with fixed noise), not image quality.")
+
+
+class PeakMemory:
+    """Peak memory above the level at entry, in MiB: CUDA's peak allocation, or sampled RSS."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.peak = 0.0
+
+    @staticmethod
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.start = self.rss_mb()
+            self._stop = threading.Event()
+            self._top = self.start
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self._top = max(self._top, self.rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() / 2**20 - self.start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._top, self.rss_mb()) - self.start
+
+
+def train_settings(args, method: str, preset: str, index: int, seed: int) -> TrainSettings:
+    return TrainSettings(method="lora" if method == "independent" else method, steps=args.steps,
+                         bilevel_iters=args.bilevel_iters, inner_steps=args.inner_steps, rank=args.rank,
+                         resolution=args.resolution, lr_a=args.lr_a, lr_b=args.lr_b,
+                         lr_embedding=args.lr_embedding, targets=preset, seed=seed * 1000 + index)
+
+
+def run_stream(host, args, method: str, preset: str, seed: int, stream, pixels) -> dict:
+    """Train the stream with one method and preset; measure after every concept and at the end."""
+    bank = new_bank(host)
+    losses: list[list[float]] = []  # losses[k][i]: concept i after concept k (i <= k)
+    seconds = []
+    with PeakMemory(host.device) as memory:
+        for k, (token, init_word, _) in enumerate(stream):
+            settings = train_settings(args, method, preset, k, seed)
+            # independent: alone on the base, then added to the sum; otherwise on top of the bank
+            result = train_concept(host, new_bank(host) if method == "independent" else bank, pixels[token],
+                                   token, init_word, settings)
+            bank = bank.with_concept(result.concept)
+            seconds.append(result.seconds)
+            losses.append([concept_loss(host, bank, t, pixels[t]) for t, _, _ in stream[:k + 1]])
+            print(f"    {method:<12} {preset:<10} seed {seed} {token:<12} {result.seconds:6.1f} s  "
+                  f"loss {losses[-1][-1]:.5f}", flush=True)
+    n = len(stream)
+    forgetting = [[losses[k][i] - losses[i][i] if k > i else None for k in range(n)] for i in range(n)]
+    final = [forgetting[i][n - 1] for i in range(n - 1)]
+    cross = crosstalk(host, bank, pixels)
+    off_diagonal = [v for row in cross["matrix"] for v in row if v is not None]
+    inter = bank_interference(bank)  # from the statistics stored with each concept
+    inter_values = [v for row in inter.matrix for v in row if v is not None]
+    return {
+        "method": method, "preset": preset, "seed": seed, "concepts": [t for t, _, _ in stream],
+        "losses": losses, "forgetting": forgetting,
+        "mean_forgetting": statistics.fmean(final) if final else 0.0,
+        "worst_forgetting": max(final) if final else 0.0,
+        "own_loss": statistics.fmean(losses[i][i] for i in range(n)),
+        "composition_loss": statistics.fmean(losses[n - 1]),
+        "crosstalk": cross,
+        "crosstalk_other_prompts": statistics.fmean(off_diagonal) if off_diagonal else 0.0,
+        "crosstalk_neutral_prompt": statistics.fmean(cross["neutral"]),
+        "composition_drift": statistics.fmean(cross["composition"]),
+        "interference": {"matrix": inter.matrix, "missing_stats": inter.missing_stats},
+        "interference_mean": statistics.fmean(inter_values) if inter_values else None,
+        "seconds_per_concept": statistics.fmean(seconds), "peak_memory_mb": memory.peak,
+        "max_orthogonality_error": bank.max_orthogonality_error(constrained_only=False),
+    }
+
+
+SUMMARY_KEYS = ("mean_forgetting", "worst_forgetting", "own_loss", "composition_loss", "crosstalk_other_prompts",
+                "crosstalk_neutral_prompt", "composition_drift", "interference_mean", "seconds_per_concept",
+                "peak_memory_mb")
+
+
+def summarise(runs: list[dict]) -> dict:
+    """preset → method → metric → {mean, std, n} over seeds."""
+    out: dict = {}
+    for run in runs:
+        cell = out.setdefault(run["preset"], {}).setdefault(run["method"], {})
+        for key in SUMMARY_KEYS:
+            if run.get(key) is not None:
+                cell.setdefault(key, []).append(run[key])
+    for methods in out.values():
+        for cell in methods.values():
+            for key, values in cell.items():
+                cell[key] = {"mean": statistics.fmean(values),
+                             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base", default="tiny", help="tiny | sd15-random | PATH (diffusers folder or .safetensors)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--concepts", type=int, default=4, help=f"stream length (1-{len(PHOTOS)})")
+    p.add_argument("--steps", type=int, default=None, help="minibatches per concept (default 30 on tiny, 200 otherwise)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; several give mean and spread")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--presets", default=",".join(PRESETS), help="target presets to compare")
+    p.add_argument("--bilevel-iters", type=int, default=3)
+    p.add_argument("--inner-steps", type=int, default=2)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--resolution", type=int, default=None, help="default 64 on tiny, 512 otherwise")
+    p.add_argument("--lr-a", type=float, default=None, help="default 2e-3 on tiny, 1e-4 otherwise")
+    p.add_argument("--lr-b", type=float, default=None, help="default 2e-3 on tiny, 1e-4 otherwise")
+    p.add_argument("--lr-embedding", type=float, default=None, help="default 1e-2 on tiny, 5e-3 otherwise")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 avoids spinning threads on a shared machine)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON and PNG")
+    p.add_argument("--results-md", default=str(ROOT / "bench" / "RESULTS.md"),
+                   help="markdown file whose forgetting section is replaced ('' to skip)")
+    args = p.parse_args(argv)
+    tiny = args.base == "tiny"
+    args.steps = args.steps or (30 if tiny else 200)
+    args.resolution = args.resolution or (64 if tiny else 512)
+    args.lr_a = args.lr_a or (2e-3 if tiny else 1e-4)
+    args.lr_b = args.lr_b or (2e-3 if tiny else 1e-4)
+    args.lr_embedding = args.lr_embedding or (1e-2 if tiny else 5e-3)
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.presets = [m.strip() for m in args.presets.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad or not 1 <= args.concepts <= len(PHOTOS):
+        p.error(f"methods must be among {', '.join(METHODS)}; --concepts between 1 and {len(PHOTOS)}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.time()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    host = DiffusersHost.load(args.base, args.device, torch.float32)
+    stream = PHOTOS[:args.concepts]
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = write_photos(Path(tmp), stream)
+        pixels = {token: load_images([folders[token]], args.resolution) for token, _, _ in stream}
+    random_base = args.base in RANDOM_BASES
+    print(f"forgetting benchmark on {args.base} ({host.device}), {len(stream)} concepts, {args.steps} minibatches "
+          f"x K={args.bilevel_iters}, methods {', '.join(args.methods)}, presets {', '.join(args.presets)}, "
+          f"seeds {args.seeds}", flush=True)
+    if random_base:
+        print(f"note: {HONESTY}", flush=True)
+    runs, failed = [], []
+    for seed in args.seeds:
+        for preset in args.presets:
+            for method in args.methods:
+                try:
+                    runs.append(run_stream(host, args, method, preset, seed, stream, pixels))
+                except SeqLoRAError as exc:  # e.g. divergence: recorded and left out of the summary
+                    print(f"    {method:<12} {preset:<10} seed {seed} FAILED: {exc}", flush=True)
+                    failed.append({"method": method, "preset": preset, "seed": seed, "error": str(exc)})
+    summary = summarise(runs)
+    cuda = host.device.type == "cuda"
+    result = {
+        "benchmark": "forgetting", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "device": str(host.device), "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+                    "torch": torch.__version__, "load_average_at_end": os.getloadavg()},
+        "settings": {"base": args.base, "random_weights": random_base, "resolution": args.resolution,
+                     "steps": args.steps, "bilevel_iters": args.bilevel_iters, "inner_steps": args.inner_steps,
+                     "rank": args.rank, "lr_a": args.lr_a, "lr_b": args.lr_b, "lr_embedding": args.lr_embedding,
+                     "seeds": args.seeds, "methods": args.methods, "presets": args.presets,
+                     "concepts": [t for t, _, _ in stream], "dtype": "float32",
+                     "threads": torch.get_num_threads()},
+        "note": HONESTY if random_base else "Real base weights.",
+        "seconds_total": time.time() - start, "summary": summary, "runs": runs, "failed": failed,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"forgetting-{Path(args.base).stem if not random_base else args.base}-{host.device.type}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_plot(result, out / f"{stem}.png")
+    if args.results_md:
+        update_results_md(result, Path(args.results_md), f"{stem}.json")
+    print_summary(summary)
+    print(f"wrote {out / (stem + '.json')}, {out / (stem + '.png')}"
+          + (f" and the table in {args.results_md}" if args.results_md else "") + f"; {result['seconds_total']:.0f} s")
+    return result
+
+
+def print_summary(summary: dict) -> None:
+    print(f"{'preset':<11} {'method':<12} {'mean forg.':>11} {'worst':>9} {'compos. loss':>12} "
+          f"{'xtalk other':>11} {'xtalk plain':>11} {'s/concept':>9} {'peak MiB':>9}")
+    for preset, methods in summary.items():
+        for method, m in methods.items():
+            print(f"{preset:<11} {method:<12} {m['mean_forgetting']['mean']:+11.5f} {m['worst_forgetting']['mean']:+9.5f} "
+                  f"{m['composition_loss']['mean']:12.5f} {m['crosstalk_other_prompts']['mean']:11.3f} "
+                  f"{m['crosstalk_neutral_prompt']['mean']:11.3f} {m['seconds_per_concept']['mean']:9.1f} "
+                  f"{m['peak_memory_mb']['mean']:9.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""bench/forgetting.py end to end at CI size: every method and preset, the JSON, the plot, the table."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ["seqlora", "alternating", "frozen-basis", "lora", "independent"]
+
+
+def test_forgetting_benchmark_two_concepts_two_steps(tmp_path):
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Results\n\nkept text\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SEQLORA_CACHE=str(ROOT / ".cache"))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "forgetting.py"), "--concepts", "2", "--steps", "2",
+                           "--threads", "1", "--out", str(tmp_path), "--results-md", str(results_md)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "random weights" in proc.stdout  # honesty about the base, in the output itself
+    data = json.loads((tmp_path / "forgetting-tiny-cpu.json").read_text())
+    assert data["failed"] == [] and data["settings"]["random_weights"] is True
+    assert set(data["summary"]) == {"default", "unet-cross"}
+    assert all(set(methods) == set(METHODS) for methods in data["summary"].values())
+    assert len(data["runs"]) == 10
+    for run in data["runs"]:
+        losses, forgetting = run["losses"], run["forgetting"]
+        assert [len(row) for row in losses] == [1, 2]
+        assert forgetting[0][0] is None and forgetting[1] == [None, None]
+        assert forgetting[0][1] == losses[1][0] - losses[0][0]
+        assert run["mean_forgetting"] == forgetting[0][1]
+        assert run["composition_loss"] == sum(losses[1]) / 2
+        cross = run["crosstalk"]
+        assert cross["matrix"][0][0] is None and cross["matrix"][0][1] >= 0 and cross["neutral"][0] >= 0
+        assert run["interference"]["missing_stats"] == [] and run["interference"]["matrix"][1][0] >= 0
+        assert run["interference_mean"] is not None and run["interference_mean"] >= 0
+        assert run["seconds_per_concept"] > 0 and run["peak_memory_mb"] >= 0
+        if run["method"] in ("seqlora", "alternating", "frozen-basis"):
+            assert run["max_orthogonality_error"] < 1e-4
+        else:  # unconstrained bases overlap: the comparison is not between identical models
+            assert run["max_orthogonality_error"] > 1e-3
+    assert (tmp_path / "forgetting-tiny-cpu.png").read_bytes()[:4] == b"\x89PNG"
+    text = results_md.read_text()
+    assert "kept text" in text and "<!-- forgetting:begin -->" in text and "random weights" in text
+    assert text.count("| unet-cross |") == 5 and "--concepts 2 --steps 2" in text
