@@ -71,8 +71,8 @@ def _fill_training(page, token, steps, iters="1", resolution="64"):
     _field(page, "seqlora_preview_steps").press("Tab")
     _field(page, "seqlora_token").fill(token)
     _field(page, "seqlora_init_word").fill("cat")
-    for elem_id, value in (("seqlora_steps", steps), ("seqlora_iters", iters), ("seqlora_lr", "0.003"),
-                           ("seqlora_resolution", resolution)):
+    for elem_id, value in (("seqlora_steps", steps), ("seqlora_bilevel_iters", iters), ("seqlora_lr_a", "0.003"),
+                           ("seqlora_lr_b", "0.003"), ("seqlora_resolution", resolution)):
         _field(page, elem_id).fill(value)
         _field(page, elem_id).press("Tab")
 
