@@ -25,7 +25,8 @@
 #      $A1111_PATH/seqlora-hf-home (the tests use it unless HF_HOME is set).
 #    - a random-weight SD-1.5 checkpoint in the original key format,
 #      models/Stable-diffusion/seqlora-sd15-random.safetensors, written by make_sd15_checkpoint.py
-#      with ComfyUI's converters (COMFYUI_PATH, a ComfyUI checkout) in VENV plus diffusers.
+#      with ComfyUI's converters (COMFYUI_PATH, a ComfyUI checkout), run by CKPT_PYTHON: a Python
+#      with ComfyUI's requirements and diffusers (the ComfyUI tests' Python).
 #
 # 3. Run the tests with this project's Python:
 #    A1111_PATH=… A1111_PYTHON=VENV/bin/python .venv/bin/python -m pytest tests/integration/a1111
@@ -59,9 +60,10 @@ env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$PY" -m pip install "$TORCH" "$
 
 CKPT="$A1111_PATH/models/Stable-diffusion/seqlora-sd15-random.safetensors"
 if [ ! -f "$CKPT" ]; then
+    # the same checkpoint maker as the ComfyUI tests: a Python with ComfyUI's requirements and
+    # this project's (diffusers), e.g. the one the ComfyUI integration tests run with
     test -n "$COMFYUI_PATH" || { echo "no $CKPT: pass COMFYUI_PATH (a ComfyUI checkout) to write it" >&2; exit 2; }
-    DEPS="$VENV/seqlora-ckpt-deps"  # diffusers for the random modules, beside (not in) A1111's packages
-    "$PY" -m pip install --no-deps --target "$DEPS" diffusers==0.42.1 importlib_metadata zipp
-    PYTHONPATH="$DEPS" "$PY" "$HERE/make_sd15_checkpoint.py" "$COMFYUI_PATH" "$CKPT" --dtype fp16
+    "${CKPT_PYTHON:?set CKPT_PYTHON to a Python with ComfyUI requirements and diffusers}" \
+        "$HERE/make_sd15_checkpoint.py" "$COMFYUI_PATH" "$CKPT" --dtype fp16
 fi
 echo "A1111 ready: A1111_PATH=$A1111_PATH A1111_PYTHON=$PY"
