@@ -3,6 +3,11 @@
 UNet: ``sd_model.model.diffusion_model`` in the CompVis layout; text encoder: the transformers
 CLIPTextModel at ``sd_model.cond_stage_model.wrapped.transformer``. Names map onto the bank's
 canonical names with ``seqlora_core.hosts.naming`` — the same mapping ComfyUI's modules use.
+
+A host is cheap to build and holds the model it was built on: build one per training run or
+preview from the *current* ``shared.sd_model`` (a checkpoint switch replaces it), never cache it.
+The model is A1111's live one, so everything done to it for training is undone afterwards
+(``training()``), and the text encoder only carries SeqLoRA's hooks while SeqLoRA encodes.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from torch import Tensor, nn
 from seqlora_core.hosts.protocol import frozen_parameters, math_attention
 from seqlora_core.hosts.naming import compvis_layers
 from seqlora_core.hosts.token_injection import TokenInjector
+
+from .builtin_lora import base_weight_view, lora_extension_unloaded
 
 
 class A1111Host:
@@ -48,12 +55,20 @@ class A1111Host:
     def encode_text(self, prompts: list[str], embeddings: dict[str, Tensor]) -> Tensor:
         return self.tokens.encode(self.text_encoder, prompts, embeddings, self.device)
 
+    def base_layers(self) -> dict[str, object]:
+        """The layers' base weights (without LoRAs A1111's Lora extension merged in): fingerprint these."""
+        return base_weight_view(self._layers)
+
     def encode_images(self, pixels: Tensor) -> Tensor:
-        # the VAE's own dtype: it may be fp32 beside a fp16 UNet (--no-half-vae or A1111's fallback)
-        vae_dtype = next(self.sd_model.first_stage_model.parameters()).dtype
+        """Scaled latents of the posterior *mean*, like the diffusers and ComfyUI hosts (A1111's own
+        ``get_first_stage_encoding`` draws a sample from the unseeded global RNG), computed in the
+        VAE's dtype, which may differ from the UNet's (``--no-half-vae``, A1111's NaN fallback)."""
+        vae = self.sd_model.first_stage_model
+        vae_dtype = next(vae.parameters()).dtype
         with torch.no_grad():
-            x = pixels.to(self.device, vae_dtype)
-            return self.sd_model.get_first_stage_encoding(self.sd_model.encode_first_stage(x)).float()
+            posterior = vae.encode(pixels.to(self.device, vae_dtype))
+            latent = posterior.mode() if hasattr(posterior, "mode") else posterior
+            return (self.sd_model.scale_factor * latent).float()
 
     def alphas_cumprod(self) -> Tensor:
         return self.sd_model.alphas_cumprod.detach().float().cpu()
@@ -66,6 +81,14 @@ class A1111Host:
         """Entered by the trainer: no weight gradients (and no saved inputs for them) in A1111's
         UNet and text encoder while a concept trains; their flags are restored after."""
         return frozen_parameters(self.unet, self.text_encoder)
+
+    @contextlib.contextmanager
+    def training(self):
+        """Entered by the tab around a training run on A1111's live model: every weight of it frozen
+        (VAE included; flags restored after), LoRAs the Lora extension merged taken out (merged
+        again on its next generation), gradients on in this worker thread."""
+        with frozen_parameters(self.sd_model), lora_extension_unloaded(self._layers), torch.enable_grad():
+            yield
 
     def differentiable_attention(self) -> contextlib.AbstractContextManager:
         # A1111's SDP optimisation calls torch SDPA, which the math kernel makes twice

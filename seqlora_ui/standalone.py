@@ -3,6 +3,7 @@ host UI (``python -m seqlora_ui``). A1111 builds the same tab over its own model
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 from .tab import TabSession, build_tab
@@ -13,15 +14,17 @@ def serve(base: str, bank: str, port: int, device: str = "auto", steps: int = 25
     from seqlora_core.hosts.diffusers_host import DiffusersHost
     from seqlora_core.sampling.generate import generate
 
-    def factory():
+    @functools.cache
+    def factory():  # one model for the app's lifetime, loaded on first use
         return DiffusersHost.load(base, device)
 
     resolution = 64 if base == "tiny" else 512
 
-    def sample(host, bank, prompt, ids, strengths):
-        return generate(host, bank, prompt, ids, strengths, steps=steps if base != "tiny" else 4, resolution=resolution)
+    def sample(bank, prompt, ids, strengths, size, sample_steps):
+        return generate(factory(), bank, prompt, ids, strengths, steps=sample_steps, resolution=size)
 
     session = TabSession(factory, Path(bank), resolution=resolution, sample=sample,
+                         sample_steps=steps if base != "tiny" else 4,
                          export_dir=Path(bank).resolve().parent / "exports")
     tab = build_tab(session)
     tab.queue().launch(server_name="127.0.0.1", server_port=port, show_error=True, prevent_thread_lock=False)

@@ -7,12 +7,15 @@ Only plain components and ``.click`` are used, so the same code runs on the grad
 only replaced (atomically) after a training succeeds, by a writer holding the bank's lock
 (``seqlora_core.bank.lock``): a second Train click or browser tab is refused while one trains, and
 a bank changed meanwhile is never overwritten (the result goes to a pending file beside it).
+Training runs in a worker thread and shows its progress in the page; the Stop button asks it to
+stop before its next forward pass.
 """
 from __future__ import annotations
 
 import contextlib
 import html
 import queue
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,24 +40,56 @@ def _path(f) -> str:
 
 @dataclass
 class TabSession:
-    """What the tab works on: a host (created lazily) and the bank file in use."""
+    """What the tab works on: the host's model and the bank file in use.
+
+    ``host_factory`` is called on every use and must return the host for the model loaded *now*
+    (A1111 builds a fresh one over ``shared.sd_model``, so a checkpoint switch is followed; the
+    standalone app caches its one model itself).
+    """
     host_factory: Callable[[], object]
     bank_path: Path
     resolution: int = 512
     export_dir: Path = field(default_factory=lambda: Path("out") / "exports")
-    sample: Callable | None = None  # (host, bank, prompt, ids, strengths) -> PIL image
+    embeddings_dir: Path | None = None  # exported embeddings; None: next to the LoRA, <stem>_embeddings/
+    sample: Callable | None = None  # (bank, prompt, ids, strengths, size, steps) -> PIL image
+    sample_steps: int = 20  # default sampling steps of samples and previews
     job: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # host's GPU lock / job
-    should_stop: Callable[[], bool] | None = None  # host's interrupt flag
+    should_stop: Callable[[], bool] | None = None  # host's own interrupt flag
     on_progress: Callable[[int, int, float], None] | None = None  # host's own progress display
-    _host: object = None
+    stop_requested: threading.Event = field(default_factory=threading.Event)  # the tab's Stop button
 
     def host(self):
-        if self._host is None:
-            self._host = self.host_factory()
-        return self._host
+        return self.host_factory()
+
+    def stopping(self) -> bool:
+        return self.stop_requested.is_set() or bool(self.should_stop is not None and self.should_stop())
 
     def bank(self) -> Bank | None:
         return load_bank(self.bank_path) if self.bank_path.exists() else None
+
+    def adopt_upload(self, upload: str) -> Path:
+        """An uploaded bank is copied next to the current bank, and the copy becomes the bank in use:
+        later trainings must not write into the upload's temporary folder."""
+        source = Path(upload)
+        load_bank(source)  # validate before adopting it
+        target = self.bank_path.parent / source.name
+        if target.exists() and target.read_bytes() != source.read_bytes():
+            raise InputError(f"{target} already exists and differs from the upload; rename the upload "
+                             "or open the existing bank by its path.")
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.upload")
+            shutil.copyfile(source, tmp)
+            tmp.replace(target)
+        self.bank_path = target
+        return target
+
+
+def progress_html(token: str, step: int, total: int, loss: float) -> str:
+    pct = 100 * step / max(total, 1)
+    return (f"<div class='seqlora-progress'>training {html.escape(token)}: step {step} / {total}, loss {loss:.4f}"
+            f"<div style='background:#ddd;height:8px;border-radius:4px'><div class='seqlora-progress-bar' "
+            f"style='background:#48a;height:8px;border-radius:4px;width:{pct:.1f}%'></div></div></div>")
 
 
 def bank_rows(bank: Bank | None) -> list[list]:
@@ -112,7 +147,7 @@ def setting_inputs(gr, resolution: int) -> list:
     return [widgets[s.name] for s in TRAINING_SETTINGS]
 
 
-def _error(exc: Exception) -> str:
+def _error(exc: Exception | str) -> str:
     return f"<span class='seqlora-error' style='color:#c33'>⚠ {html.escape(str(exc))}</span>"
 
 
@@ -138,16 +173,18 @@ class TabActions:
         ids = [c.id for c in bank.concepts] if bank else []
         return bank_rows(bank), capacity_html(bank), update(choices=ids, value=None), update(choices=ids, value=ids)
 
-    def train(self, files, token, init_word, *setting_values):
+    def train(self, files, token, init_word, sample_steps, *setting_values):
         """A generator: the page gets the loss curve live while a worker thread trains."""
         status = ""
+        session = self.session
+        session.stop_requested.clear()
         try:
             if not files:
                 raise InputError("Upload at least one reference image.")
             settings = train_settings(dict(zip(SETTINGS_BY_NAME, setting_values)))
+            session.resolution = settings.resolution
             pixels = load_images([_path(f) for f in files], settings.resolution)
-            host = self.session.host()
-            self.session.bank()  # a damaged bank is reported before anything starts
+            session.bank()  # a damaged bank is reported before anything starts
         except SeqLoRAError as exc:
             yield _error(exc), None, None
             return
@@ -159,13 +196,16 @@ class TabActions:
             if self.session.on_progress is not None:
                 self.session.on_progress(step, total, loss)
 
+        bank_path = session.bank_path  # where this training's bank is saved, whatever is opened meanwhile
+
         def work():
             try:
                 # the bank is read under its lock, which is held until the result is written
-                with BankSession(self.session.bank_path, purpose="training in the SeqLoRA tab") as locked, \
-                        self.session.job():
-                    result = train_concept(host, locked.bank, pixels, token, init_word, settings, progress=progress,
-                                           should_stop=self.session.should_stop)
+                with BankSession(bank_path, purpose="training in the SeqLoRA tab") as locked, session.job():
+                    host = session.host()  # inside the job: the model cannot change under the training
+                    with getattr(host, "training", contextlib.nullcontext)():
+                        result = train_concept(host, locked.bank, pixels, token, init_word, settings,
+                                               progress=progress, should_stop=session.stopping)
                     locked.commit(result.bank, what=f"the bank with {result.concept.token}")
                 events.put(("done", result))
             except Exception as exc:  # shown in the page; the bank file is untouched
@@ -178,31 +218,35 @@ class TabActions:
                 step, total, loss = payload
                 losses.append(loss)
                 if step == total or step % max(1, total // 50) == 0:
-                    yield f"training {html.escape(token)}: step {step} / {total}, loss {loss:.4f}", loss_curve_image(losses), None
+                    yield progress_html(token, step, total, loss), loss_curve_image(losses), None
             elif kind == "error":
                 yield _error(payload[0]), (loss_curve_image(losses) if losses else None), None
                 return
             else:
                 result = payload[0]
                 sample = None
-                if self.session.sample is not None:
+                if session.sample is not None:
                     try:
-                        sample = np.asarray(self.session.sample(host, result.bank, f"a photo of {result.concept.token}",
-                                                           [result.concept.id], {}))
-                    except SeqLoRAError as exc:
-                        status = _error(exc)
+                        sample = np.asarray(session.sample(result.bank, f"a photo of {result.concept.token}",
+                                                           [result.concept.id], {}, settings.resolution,
+                                                           max(1, int(sample_steps or 1))))
+                    except Exception as exc:  # the concept is trained and saved; only its sample failed
+                        status = _error(f"trained {result.concept.token} (bank saved), but the sample failed: {exc}")
                 status = status or (f"<span class='seqlora-ok'>trained {html.escape(result.concept.token)} in "
                                     f"{result.seconds:.0f} s, final loss {result.concept.final_loss:.4f}; "
-                                    f"bank {html.escape(self.session.bank_path.name)} now holds "
+                                    f"bank {html.escape(bank_path.name)} now holds "
                                     f"{len(result.bank.concepts)} concept(s)</span>")
                 yield status, loss_curve_image(losses), sample
                 return
 
+    def stop(self):
+        self.session.stop_requested.set()
+        return "<span class='seqlora-stopping'>stopping before the next pass…</span>"
+
     def open_bank(self, path_text, upload):
         try:
             if upload is not None:
-                load_bank(_path(upload))  # validate before adopting it
-                self.session.bank_path = Path(_path(upload))
+                self.session.adopt_upload(_path(upload))
             elif path_text:
                 self.session.bank_path = Path(path_text).expanduser()
                 if self.session.bank_path.exists():
@@ -267,7 +311,7 @@ class TabActions:
         except SeqLoRAError as exc:
             return (_error(exc), None, *self.refresh())
 
-    def compose(self, ids, strengths_text, prompt):
+    def compose(self, ids, strengths_text, prompt, size, sample_steps):
         try:
             bank = self.session.bank()
             if bank is None or not ids:
@@ -275,7 +319,11 @@ class TabActions:
             strengths = bank.parse_selection(strengths_text)[1] if (strengths_text or "").strip() else {}
             if self.session.sample is None:
                 raise InputError("This host has no preview sampler; export the LoRA instead.")
-            image = self.session.sample(self.session.host(), bank, prompt, list(ids), strengths)
+            if not size or int(size) < 64 or int(size) % 8:
+                raise InputError("The preview size must be a multiple of 8, at least 64.")
+            if not sample_steps or int(sample_steps) < 1:
+                raise InputError("The preview needs at least one sampling step.")
+            image = self.session.sample(bank, prompt, list(ids), strengths, int(size), int(sample_steps))
             return "", np.asarray(image)
         except SeqLoRAError as exc:
             return _error(exc), None
@@ -286,7 +334,7 @@ class TabActions:
             if bank is None or not ids:
                 raise InputError("Choose at least one concept to export.")
             out = self.session.export_dir / f"seqlora_{'_'.join(ids)}.safetensors"
-            lora, embeddings = export_lora(bank, list(ids), out)
+            lora, embeddings = export_lora(bank, list(ids), out, self.session.embeddings_dir)
             return f"<span class='seqlora-ok'>exported {html.escape(lora.name)} and {len(embeddings)} embedding(s)</span>", \
                 [str(lora)] + [str(e) for e in embeddings]
         except SeqLoRAError as exc:
@@ -307,17 +355,23 @@ def build_tab(session: TabSession):
                     token = gr.Textbox(label="Token", value="<my-concept>", elem_id="seqlora_token")
                     init_word = gr.Textbox(label="Init word", value="object", elem_id="seqlora_init_word")
                     setting_widgets = setting_inputs(gr, session.resolution)
-                    train_btn = gr.Button("Train", variant="primary", elem_id="seqlora_train")
+                    preview_steps = gr.Number(label="Sampling steps (sample, previews)", value=session.sample_steps,
+                                              precision=0, elem_id="seqlora_preview_steps")
+                    with gr.Row():
+                        train_btn = gr.Button("Train", variant="primary", elem_id="seqlora_train")
+                        stop_btn = gr.Button("Stop", variant="stop", elem_id="seqlora_stop")
                 with gr.Column():
                     train_status = gr.HTML(elem_id="seqlora_train_status")
                     curve = gr.Image(label="Loss", interactive=False)
-                    sample = gr.Image(label="Sample", interactive=False)
+                    sample = gr.Image(label="Sample", interactive=False, elem_id="seqlora_sample")
         with gr.Tab("Bank"):
             bank_status = gr.HTML(f"bank: {html.escape(str(session.bank_path))}", elem_id="seqlora_bank_status")
             with gr.Row():
-                bank_path = gr.Textbox(label="Open bank (path)", value=str(session.bank_path))
-                upload = gr.File(label="…or upload a bank", file_count="single")
-                open_btn = gr.Button("Open")
+                bank_path = gr.Textbox(label="Open bank (path)", value=str(session.bank_path),
+                                       elem_id="seqlora_bank_path")
+                upload = gr.File(label="…or upload a bank (copied next to the current bank)", file_count="single",
+                                 elem_id="seqlora_bank_upload")
+                open_btn = gr.Button("Open", elem_id="seqlora_open")
             concepts = gr.Dataframe(headers=["id", "token", "method", "rank", "final loss", "created"],
                                     interactive=False, elem_id="seqlora_concepts")
             capacity = gr.HTML(elem_id="seqlora_capacity")
@@ -344,24 +398,29 @@ def build_tab(session: TabSession):
         with gr.Tab("Compose"):
             compose_ids = gr.CheckboxGroup(label="Concepts", choices=[], elem_id="seqlora_compose_ids")
             strengths = gr.Textbox(label="Strengths (id:0.8, …; default 1)", value="")
-            prompt = gr.Textbox(label="Prompt", value="a photo of <my-concept>")
+            prompt = gr.Textbox(label="Prompt", value="a photo of <my-concept>", elem_id="seqlora_prompt")
+            preview_size = gr.Number(label="Preview size (px)", value=session.resolution, precision=0,
+                                     elem_id="seqlora_preview_size")
             with gr.Row():
-                preview_btn = gr.Button("Generate preview")
+                preview_btn = gr.Button("Generate preview", elem_id="seqlora_preview_btn")
                 export_btn = gr.Button("Export LoRA", elem_id="seqlora_export")
             compose_status = gr.HTML(elem_id="seqlora_compose_status")
-            preview = gr.Image(label="Preview", interactive=False)
+            preview = gr.Image(label="Preview", interactive=False, elem_id="seqlora_preview")
             exported = gr.File(label="Exported files", file_count="multiple", interactive=False)
 
         listing = [concepts, capacity, remove_id, compose_ids]
-        train_btn.click(actions.train, [files, token, init_word, *setting_widgets],
+        train_btn.click(actions.train, [files, token, init_word, preview_steps, *setting_widgets],
                         [train_status, curve, sample]).then(actions.refresh, None, listing)
+        # queue=False: a Stop click is answered at once, beside the training still streaming
+        stop_btn.click(actions.stop, None, [train_status], queue=False)
         open_btn.click(actions.open_bank, [bank_path, upload], [bank_status, *listing])
         remove_btn.click(actions.remove, [remove_id], [bank_status, *listing])
         refresh_btn.click(actions.refresh, None, listing)
         merge_btn.click(actions.merge_in, [merge_upload, merge_path, merge_rebase], [bank_status, *listing])
         lease_btn.click(actions.lease_out, [lease_name, lease_count, lease_rank], [bank_status, lease_file, *listing])
         interference_btn.click(actions.show_interference, None, [interference_text, interference_map])
-        preview_btn.click(actions.compose, [compose_ids, strengths, prompt], [compose_status, preview])
+        preview_btn.click(actions.compose, [compose_ids, strengths, prompt, preview_size, preview_steps],
+                          [compose_status, preview])
         export_btn.click(actions.export, [compose_ids], [compose_status, exported])
         tab.load(actions.refresh, None, listing)
     return tab

@@ -141,3 +141,28 @@ def test_v1_fixture_written_before_format_2_still_loads(tmp_path):
     bank.save(tmp_path / "v2.safetensors")  # upgrading writes version 2 with the same tensors
     again = load_bank(tmp_path / "v2.safetensors")
     assert [c.hash for c in again.concepts] == [c.hash for c in bank.concepts]
+
+
+def test_bank_and_export_files_follow_the_umask(stream_bank, tmp_path):
+    """Atomic writes go through a 0600 temp file; the result must get the mode any new file gets."""
+    import os
+
+    old = os.umask(0o027)
+    try:
+        bank_path = tmp_path / "shared.safetensors"
+        stream_bank.save(bank_path)
+        out, embeddings = export_lora(stream_bank, None, tmp_path / "lora" / "all.safetensors",
+                                      embeddings_dir=tmp_path / "embeddings")
+    finally:
+        os.umask(old)
+    for path in (bank_path, out, *embeddings):
+        assert path.stat().st_mode & 0o777 == 0o640, (path, oct(path.stat().st_mode))
+
+
+def test_export_writes_embeddings_where_the_host_reads_them(stream_bank, tmp_path):
+    """A1111 reads embeddings from its own folder and lists everything under its Lora folder as
+    LoRAs: with embeddings_dir given, nothing but the LoRA lands next to the LoRA."""
+    out, embeddings = export_lora(stream_bank, None, tmp_path / "Lora" / "all.safetensors",
+                                  embeddings_dir=tmp_path / "embeddings")
+    assert sorted(p.name for p in (tmp_path / "Lora").rglob("*")) == ["all.safetensors"]
+    assert [p.parent for p in embeddings] == [tmp_path / "embeddings"] * len(stream_bank.concepts)

@@ -105,3 +105,32 @@ def test_flash_attention_has_no_double_backward_but_our_path_does(host):
         (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     (h,) = torch.autograd.grad(g.sum(), q)
     assert torch.isfinite(h).all()
+
+
+def test_stop_is_honoured_before_the_next_forward_pass(host, pixels):
+    """The stop flag is read before every forward pass, so a stop lands inside the first
+    minibatch (a minibatch is K bilevel iterations of several passes each), and nothing is returned."""
+    from seqlora_core.method.trainer import Interrupted
+
+    asked, steps = [], []
+
+    def should_stop():
+        asked.append(1)
+        return len(asked) >= 3  # the third pass of the first bilevel iteration
+
+    token, px = next(iter(pixels.items()))
+    with pytest.raises(Interrupted):
+        train_concept(host, None, px, "<stopped>", "thing", quick_settings(steps=3, bilevel_iters=2),
+                      progress=lambda *a: steps.append(a), should_stop=should_stop)
+    assert len(asked) == 3 and steps == []
+
+
+def test_encoding_leaves_no_hooks_on_the_text_encoder(host, stream_bank):
+    """Concept tokens are injected through hooks that exist only during one encode: a host's text
+    encoder (A1111's is the one it generates with) carries none afterwards."""
+    module = host.text_encoder.get_input_embeddings()
+    before = (len(module._forward_pre_hooks), len(module._forward_hooks))
+    with torch.no_grad():
+        cond = host.encode_text([f"a photo of {stream_bank.concepts[0].token}"], stream_bank.embeddings())
+    assert cond.shape[:2] == (1, 77)
+    assert (len(module._forward_pre_hooks), len(module._forward_hooks)) == before == (0, 0)

@@ -1,9 +1,11 @@
 """Concept tokens on a transformers CLIP text encoder, without touching its embedding table.
 
-Each concept token (``<chelsea>``) is added to the tokenizer once; while ``encode`` runs, a
+Each concept token (``<chelsea>``) is added to the tokenizer once; only while ``encode`` runs, a
 forward pre-hook on the input-embedding module clamps the new ids into range and a forward hook
-swaps the learned vectors in at their positions, keeping the autograd graph to them. Used by the
-diffusers host and by A1111 (whose text encoder is the same transformers model).
+swaps the learned vectors in at their positions, keeping the autograd graph to them. The hooks are
+removed when ``encode`` returns, so a host's own text encoder (A1111's is the one it generates
+with) is left exactly as it was. Used by the diffusers host and by A1111 (whose text encoder is
+the same transformers model).
 """
 from __future__ import annotations
 
@@ -14,13 +16,12 @@ from torch import Tensor, nn
 class TokenInjector:
     def __init__(self, tokenizer, embedding_module: nn.Module):
         self.tokenizer = tokenizer
+        self.embedding_module = embedding_module
         table = getattr(embedding_module, "wrapped", embedding_module)  # A1111 wraps nn.Embedding
         self.vocab = table.weight.shape[0]
         self._ids: dict[str, int] = {}  # concept token → id in the tokenizer
         self._active: dict[int, Tensor] = {}  # token id → (1, d) vector during one encode
         self._seen: Tensor | None = None
-        embedding_module.register_forward_pre_hook(self._clamp_ids)
-        embedding_module.register_forward_hook(self._substitute)
 
     def token_id(self, token: str) -> int:
         if token not in self._ids:
@@ -51,10 +52,14 @@ class TokenInjector:
         """(b, 77, d) last hidden state with the concept tokens' vectors in place."""
         ids = self.input_ids(prompts, embeddings)
         self._active = {self._ids[t]: e.to(device) for t, e in embeddings.items()}
+        handles = [self.embedding_module.register_forward_pre_hook(self._clamp_ids),
+                   self.embedding_module.register_forward_hook(self._substitute)]
         try:
             return text_encoder(ids.to(device))[0]
         finally:
-            self._active = {}
+            for handle in handles:
+                handle.remove()
+            self._active, self._seen = {}, None
 
     def init_embedding(self, word: str, table: Tensor) -> Tensor:
         """(1, d): the starting vector of a concept token whose class word is ``word``."""

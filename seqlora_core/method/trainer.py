@@ -176,6 +176,10 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
             prompts = [PROMPT_TEMPLATES[int(i)].format(token) for i in picks]
 
             def loss_fn(a, b, embedding):
+                # checked before every forward pass (several per bilevel iteration), so a stop
+                # request waits for at most one pass, not a whole minibatch
+                if should_stop is not None and should_stop():
+                    raise Interrupted("Training was interrupted; the bank was left as it was.")
                 hooks.bind(dict(zip(names, a)), dict(zip(names, b)))
                 loss = denoising_loss(host, noisy, noise, t, prompts, {token: embedding[0]})
                 stats.armed = False  # the minibatch's later passes see the same inputs
@@ -185,8 +189,6 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
 
             skipped = 0
             for _ in range(settings.bilevel_iters):
-                if should_stop is not None and should_stop():
-                    raise Interrupted("Training was interrupted; the bank was left as it was.")
                 result = solver.iterate(loss_fn)
                 skipped += result.skipped > 0
             loss = float(result.loss)  # the one read-back per minibatch, for progress

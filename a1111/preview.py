@@ -1,0 +1,49 @@
+"""Sample images from the tab through A1111's own txt2img processing.
+
+The concepts are handed to the ``<seqlora:…>`` extra network on the processing object
+(``p.seqlora_picks``), so a preview composes exactly as a prompt tag would, with A1111's sampler,
+seed handling, VAE and infotext; whatever that extra network refuses comes back as one sentence.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from seqlora_core.bank.format import Bank
+from seqlora_core.errors import InputError, SeqLoRAError
+
+from .job import a1111_job
+from .network import Pick
+
+SAMPLER = "Euler"
+STEPS = 20
+CFG = 7.0
+SEED = 1  # fixed, so that previews of different concepts or strengths compare
+
+
+def txt2img_preview(bank: Bank, bank_path: Path, prompt: str, ids: list[str], strengths: dict[str, float],
+                    size: int, steps: int = STEPS, seed: int = SEED):
+    """A PIL image of ``prompt`` with concepts ``ids`` of ``bank`` composed (size × size px)."""
+    from modules import processing, shared
+
+    for ident in ids:
+        bank.get(ident)  # one sentence for an unknown id
+    label = Path(bank_path).stem
+    with a1111_job("seqlora-preview"):
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model, prompt=prompt, negative_prompt="", sampler_name=SAMPLER, steps=steps,
+            cfg_scale=CFG, width=size, height=size, seed=seed, batch_size=1, n_iter=1,
+            do_not_save_samples=True, do_not_save_grid=True)
+        p.seqlora_picks = [Pick(label, bank, str(bank_path), ident, float(strengths.get(ident, 1.0)))
+                           for ident in ids]
+        try:
+            processed = processing.process_images(p)
+        except Exception as exc:  # A1111's own failures (NaNs, out of memory) as one sentence in the tab
+            raise SeqLoRAError(f"A1111's txt2img failed: {exc}") from exc
+        finally:
+            p.close()
+    refused = [line for line in processed.comments.splitlines() if line.startswith("SeqLoRA")]
+    if refused:
+        raise InputError(refused[0])
+    if not processed.images:
+        raise InputError("A1111 returned no image (interrupted?).")
+    return processed.images[0]
