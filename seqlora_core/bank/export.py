@@ -46,9 +46,12 @@ def embeddings_dir_for(out: Path) -> Path:
     return out.with_name(out.stem + "_embeddings")
 
 
-def export_lora(bank: Bank, ids: list[str] | None, out: str | os.PathLike) -> tuple[Path, list[Path]]:
-    """Write the LoRA to ``out`` and the embeddings to ``<out stem>_embeddings/``; returns paths."""
+def export_lora(bank: Bank, ids: list[str] | None, out: str | os.PathLike,
+                embeddings_dir: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:
+    """Write the LoRA to ``out`` and the embeddings to ``embeddings_dir`` (default
+    ``<out stem>_embeddings/``; a host puts them where its prompts find them); returns paths."""
     out = Path(out)
+    embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else embeddings_dir_for(out)
     concepts = bank.select(ids)
     if not concepts:
         raise InputError("The bank has no concepts to export.")
@@ -57,7 +60,7 @@ def export_lora(bank: Bank, ids: list[str] | None, out: str | os.PathLike) -> tu
     save_safetensors_atomic(lora_state_dict(bank, [c.id for c in concepts]), out, meta)
     written = []
     for c in concepts:
-        path = embeddings_dir_for(out) / f"{c.id}.safetensors"
+        path = embeddings_dir / f"{c.id}.safetensors"
         save_safetensors_atomic({"emb_params": c.embedding.float().contiguous()}, path, {"token": c.token})
         written.append(path)
     return out, written

@@ -82,10 +82,13 @@ class Bank:
     base: dict  # {"architecture": ..., "fingerprint": ...}
     eps: float = DEFAULT_EPS
     concepts: list[Concept] = field(default_factory=list)
+    # (id, created) of concepts deliberately removed in memory (never saved): overwriting a file
+    # that still holds them is then no loss (bank.on_disk.refuse_dropping_concepts)
+    removed: frozenset = field(default_factory=frozenset, compare=False, repr=False)
 
     def copy(self) -> "Bank":
         """A Bank of its own (list and base dict) sharing the concepts' tensors."""
-        return Bank(dict(self.base), self.eps, list(self.concepts))
+        return Bank(dict(self.base), self.eps, list(self.concepts), self.removed)
 
     # -- queries -----------------------------------------------------------------------------
     def get(self, ident: str) -> Concept:
@@ -207,20 +210,23 @@ class Bank:
 
     def with_concept(self, concept: Concept) -> "Bank":
         self.check_new_token(concept.id)
-        return Bank(dict(self.base), self.eps, self.concepts + [concept])
+        return Bank(dict(self.base), self.eps, self.concepts + [concept], self.removed)
 
     def without(self, ident: str) -> "Bank":
-        self.get(ident)
-        return Bank(dict(self.base), self.eps, [c for c in self.concepts if c.id != ident])
+        gone = self.get(ident)
+        return Bank(dict(self.base), self.eps, [c for c in self.concepts if c.id != ident],
+                    self.removed | {(gone.id, gone.created)})
 
-    def check_base(self, architecture: str, fingerprint: str, allow_other_base: bool = False) -> None:
+    def check_base(self, architecture: str, fingerprint: str, allow_other_base: bool = False,
+                   hint: str = "pass --allow-other-base to use it anyway") -> None:
+        """Refuse another architecture always, another base's weights unless allowed; ``hint`` is
+        how the surface at hand lets the user override (a flag, a toggle)."""
         arch = self.base.get("architecture")
         if arch != architecture:
             raise BankError(f"This bank was made for a {arch} base, not for the loaded {architecture} model.")
         if not allow_other_base and self.base.get("fingerprint") not in (None, fingerprint):
             raise BankError("This bank was made for another base model (weights fingerprint "
-                            f"{self.base.get('fingerprint')}, loaded model {fingerprint}); "
-                            "pass --allow-other-base to use it anyway.")
+                            f"{self.base.get('fingerprint')}, loaded model {fingerprint}); {hint}.")
 
     # -- file --------------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
