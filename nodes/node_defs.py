@@ -111,6 +111,52 @@ class TrainConcept(io.ComfyNode):
         return io.NodeOutput(new_bank, new_model, new_clip, curve, sample)
 
 
+class LoadImageFolder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from seqlora_core.app.images import FITS
+
+        from .image_folder import image_folders
+
+        return io.Schema(
+            node_id="SeqLoRALoadImageFolder", display_name="Load Image Folder (SeqLoRA)", category=CATEGORY,
+            description="Every image of a folder under ComfyUI's input/ as one batch of squares, for Train Concept "
+                        "(photos of any size; put a concept's photos in input/<name>/).",
+            inputs=[io.Combo.Input("folder", options=image_folders(_input_dir()),
+                                   tooltip="a folder inside ComfyUI's input folder"),
+                    io.Int.Input("size", default=512, min=64, max=2048, step=64,
+                                 tooltip="side of the square each photo becomes (use the training resolution)"),
+                    io.Combo.Input("fit", options=list(FITS), default="crop",
+                                   tooltip="crop: fill the square, cut the longer side; pad: keep the whole photo, "
+                                           "grey bars; stretch: ignore the aspect ratio")],
+            outputs=[io.Image.Output(display_name="images", tooltip="the photos as one IMAGE batch"),
+                     io.Int.Output(display_name="count", tooltip="how many photos were loaded")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder=None, size=None, fit=None):
+        from pathlib import Path
+
+        path = Path(_input_dir()) / (folder or "")
+        files = sorted(path.glob("*")) if path.is_dir() else []
+        return folder, size, fit, [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+
+    @classmethod
+    def execute(cls, folder, size, fit):
+        from comfy_api.latest import ui
+
+        from .image_folder import load_folder
+
+        images = load_folder(_input_dir(), folder, size, fit)
+        return io.NodeOutput(images, images.shape[0], ui=ui.PreviewImage(images, cls=cls))
+
+
+def _input_dir() -> str:
+    import folder_paths
+
+    return folder_paths.get_input_directory()
+
+
 class LoadBasisBank(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -327,5 +373,5 @@ class DrawKeypose(io.ComfyNode):
         return io.NodeOutput(torch.from_numpy(image)[None])
 
 
-NODES = [TrainConcept, LoadBasisBank, SaveBasisBank, BasisBankInfo, ComposeConcepts, RemoveConcept, ExportLoRA,
+NODES = [TrainConcept, LoadImageFolder, LoadBasisBank, SaveBasisBank, BasisBankInfo, ComposeConcepts, RemoveConcept, ExportLoRA,
          RegionalConcepts, DrawKeypose]

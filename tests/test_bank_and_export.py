@@ -120,3 +120,38 @@ def test_remove_keeps_the_others(stream_bank, tmp_path):
     smaller.save(path)
     assert [c.id for c in load_bank(path).concepts] == [c.id for c in stream_bank.concepts[1:]]
     assert isinstance(smaller, Bank) and len(stream_bank.concepts) == 3
+
+
+def test_a_save_never_drops_a_concept_the_file_holds(stream_bank, tmp_path):
+    """A host that loaded a bank earlier must not overwrite concepts added to the file since."""
+    import pytest
+
+    from seqlora_core.bank.on_disk import file_identity, refuse_dropping_concepts
+    from seqlora_core.errors import BankError
+
+    path = tmp_path / "b.safetensors"
+    assert file_identity(path) is None
+    refuse_dropping_concepts(path, stream_bank)  # no file: nothing to lose
+    stream_bank.save(path)
+    first = file_identity(path)
+    assert file_identity(path) == first  # unchanged file, same identity
+    stale = stream_bank.without(stream_bank.concepts[-1].id).without(stream_bank.concepts[0].id)
+    refuse_dropping_concepts(path, stale)  # removed on purpose: allowed
+    older = type(stream_bank)(dict(stream_bank.base), stream_bank.eps, stream_bank.concepts[:1])
+    with pytest.raises(BankError, match="which this bank lacks"):
+        refuse_dropping_concepts(path, older)  # loaded before the others were added: refused
+    older.save(path)
+    assert file_identity(path) != first
+
+
+def test_base_refusal_says_how_this_surface_overrides(stream_bank):
+    import pytest
+
+    from seqlora_core.errors import BankError
+
+    with pytest.raises(BankError, match="--allow-other-base"):
+        stream_bank.check_base(stream_bank.base["architecture"], "0" * 16)
+    with pytest.raises(BankError) as info:
+        stream_bank.check_base(stream_bank.base["architecture"], "0" * 16, hint="turn on allow_other_base")
+    assert "--" not in str(info.value) and "allow_other_base" in str(info.value)
+    stream_bank.check_base(stream_bank.base["architecture"], "0" * 16, allow_other_base=True)

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import torch
 
-from .helpers import CKPT_NAME, ROOT, load_pack, run_workflow
+from .helpers import CKPT_NAME, ROOT, load_pack, pack_module, run_workflow
 
 NODES = {"SeqLoRATrainConcept": "Train Concept (SeqLoRA)", "SeqLoRALoadBasisBank": "Load Basis Bank",
          "SeqLoRASaveBasisBank": "Save Basis Bank", "SeqLoRABasisBankInfo": "Basis Bank Info",
@@ -88,7 +88,7 @@ def test_compose_in_comfyui_matches_the_diffusers_path(comfy_importable, checkpo
     from seqlora_core.hosts.diffusers_host import DiffusersHost
     from seqlora_core.method.lora import LoRAHooks
 
-    operations = load_pack().nodes.operations
+    operations = pack_module("nodes.operations")
     bank_path = tmp_path / "bank.safetensors"
     token = "<chelsea>"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -135,7 +135,7 @@ def test_cancel_during_training_leaves_the_model_as_it_was(comfy_importable, che
 
     from seqlora_core.method.trainer import TrainSettings
 
-    operations = load_pack().nodes.operations
+    operations = pack_module("nodes.operations")
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True, output_clip=True)[:3]
     modules = [model.model.diffusion_model, clip.cond_stage_model]
