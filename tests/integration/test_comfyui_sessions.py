@@ -120,11 +120,13 @@ def test_the_pack_imports_without_a_server_and_registers_on_load(comfy_importabl
     """Importing the pack touches nothing (no server, no folder); the entry point hands over the
     nodes, registering models/seqlora on the way (here no server runs, so no route)."""
     code = (
-        "import asyncio, sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])\n"
+        "import asyncio, importlib.util, sys; sys.path.insert(0, sys.argv[1])\n"
         "import comfy.cli_args; comfy.cli_args.args.cpu = True\n"
         "import folder_paths\n"
-        "from tests.integration.helpers import load_pack\n"
-        "pack = load_pack()\n"
+        "spec = importlib.util.spec_from_file_location('seqlora_pack', sys.argv[2] + '/__init__.py',\n"
+        "                                              submodule_search_locations=[sys.argv[2]])\n"
+        "pack = importlib.util.module_from_spec(spec); sys.modules['seqlora_pack'] = pack\n"
+        "spec.loader.exec_module(pack)\n"
         "assert 'seqlora' not in folder_paths.folder_names_and_paths, 'import registered the folder'\n"
         "assert not hasattr(pack, 'NODE_CLASS_MAPPINGS')\n"
         "ext = asyncio.run(pack.comfy_entrypoint())\n"

@@ -10,7 +10,7 @@ import pytest
 from .browser import CHROMIUM, EXAMPLES, frontend_page, node_rectangles, overlapping
 from .helpers import CKPT_NAME, ROOT
 
-QUICK = {"SeqLoRATrainConcept": {"steps": 2, "bilevel_iterations": 1, "resolution": 64},
+QUICK = {"SeqLoRATrainConcept": {"steps": 2, "bilevel_iterations": 1, "resolution": 64, "sample_steps": 1},
          "EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}}
 
 
@@ -47,6 +47,11 @@ def test_panel_renders_and_follows_training(comfy_server, comfy_path, photo):
         assert not overlapping(node_rectangles(page))  # after a run too (the loss curve once covered Info)
         (ROOT / "out").mkdir(exist_ok=True)
         page.screenshot(path=str(ROOT / "out" / "comfyui-seqlora-panel.png"))
+        # what the server sends when Cancel stops a training (operations.is_cancel → seqlora.stopped)
+        train_id = page.evaluate("() => window.app.graph._nodes.find(n => n.type === 'SeqLoRATrainConcept').id")
+        page.evaluate("""(id) => window.comfyAPI.api.api.dispatchCustomEvent('seqlora.stopped',
+                         {node: String(id), step: 1, total: 2, state: 'cancelled'})""", train_id)
+        assert page.locator(".seqlora-status").first.text_content().startswith("cancelled at step 1 / 2")
         ours = [e for e in page.seqlora_errors
                 if "seqlora" in (e["text"] + e["where"]).lower()]
         assert not ours, ours
