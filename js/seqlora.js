@@ -431,3 +431,44 @@ app.registerExtension({
     };
   },
 });
+
+// ---- "Load Image Folder (SeqLoRA)": upload several photos at once into the chosen folder under
+// input/ (ComfyUI's own /upload/image with a subfolder), then refresh the folder list.
+async function uploadPhotos(node, files) {
+  const folderWidget = node.widgets.find((w) => w.name === "folder");
+  let folder = folderWidget?.value;
+  if (!folder) folder = window.prompt("Folder under ComfyUI/input/ for these photos:", "my_concept");
+  if (!folder) return;
+  for (const file of files) {
+    const body = new FormData();
+    body.append("image", file);
+    body.append("subfolder", folder);
+    body.append("type", "input");
+    const res = await api.fetchApi("/upload/image", { method: "POST", body });
+    if (res.status !== 200) throw new Error(`upload of ${file.name} failed: ${res.status} ${res.statusText}`);
+  }
+  await app.refreshComboInNodes?.();
+  if (folderWidget) folderWidget.value = folder;
+  node.setDirtyCanvas?.(true, true);
+}
+
+app.registerExtension({
+  name: "SeqLoRA.ImageFolder",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== "SeqLoRALoadImageFolder") return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      const input = document.createElement("input");
+      Object.assign(input, { type: "file", multiple: true, accept: "image/*" });
+      input.style.display = "none";
+      document.body.append(input);
+      input.onchange = () => uploadPhotos(this, [...input.files]).finally(() => { input.value = ""; });
+      const onRemoved = this.onRemoved;
+      this.onRemoved = function () { input.remove(); return onRemoved?.apply(this, arguments); };
+      const button = this.addWidget("button", "upload photos…", null, () => input.click(), { serialize: false });
+      button.serialize = false; // neither in the saved workflow nor in the prompt
+      return result;
+    };
+  },
+});

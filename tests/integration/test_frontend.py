@@ -141,3 +141,46 @@ def test_box_editor_draws_moves_resizes_and_picks(comfy_server, comfy_path, stre
             assert not ours, ours
     finally:
         picker_bank.unlink(missing_ok=True)
+
+
+def test_image_folder_node_uploads_several_photos(comfy_server, comfy_path, tmp_path):
+    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed in this Python")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    import os
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    files = []
+    for i, shape in enumerate([(40, 60, 3), (90, 30, 3)]):
+        files.append(tmp_path / f"photo{i}.png")
+        Image.fromarray(np.full(shape, 60 * i, np.uint8)).save(files[-1])
+    folder = f"pytest_upload_{os.getpid()}"
+    target = comfy_path / "input" / folder
+    ui = json.loads((ROOT / "workflows" / "train_next_concept.json").read_text())
+    try:
+        with frontend_page(comfy_server) as page:
+            page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", ui)
+            page.evaluate("""(folder) => { const n = window.app.graph._nodes.find(n => n.type === 'SeqLoRALoadImageFolder');
+                                           n.widgets.find(w => w.name === 'folder').value = folder; }""", folder)
+            with page.expect_file_chooser() as chooser:
+                page.evaluate("""() => window.app.graph._nodes.find(n => n.type === 'SeqLoRALoadImageFolder')
+                                     .widgets.find(w => w.name === 'upload photos…').callback()""")
+            chooser.value.set_files([str(f) for f in files])
+            deadline = time.time() + 60
+            while time.time() < deadline and len(list(target.glob("*.png"))) < 2:
+                time.sleep(0.5)
+            assert sorted(p.name for p in target.glob("*.png")) == ["photo0.png", "photo1.png"]
+            page.wait_for_function("""(folder) => window.app.graph._nodes.find(n => n.type === 'SeqLoRALoadImageFolder')
+                                      .widgets.find(w => w.name === 'folder').options.values.includes(folder)""",
+                                   arg=folder, timeout=30000)
+            ui_saved = json.loads(page.evaluate("() => JSON.stringify(window.app.graph.serialize())"))
+            node = next(n for n in ui_saved["nodes"] if n["type"] == "SeqLoRALoadImageFolder")
+            assert node["widgets_values"] == [folder, 512, "crop"]  # the button is not saved
+    finally:
+        for f in target.glob("*"):
+            f.unlink()
+        if target.exists():
+            target.rmdir()
