@@ -38,7 +38,7 @@ def test_panel_renders_and_follows_training(comfy_server, comfy_path, photo):
         }""", settings)
         page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
         page.wait_for_function("""() => [...document.querySelectorAll('.seqlora-bank')]
-            .filter(e => e.textContent.includes('<chelsea>')).length >= 3""", timeout=600000)
+            .filter(e => e.textContent.includes("<chelsea>")).length >= 3""", timeout=1500000)
         status = page.locator(".seqlora-status").first.text_content()
         assert "step 2 / 2" in status
         bars = page.locator(".seqlora-capacity").count()
