@@ -22,7 +22,7 @@ def quick_example_workflow(photo: str, bank_name: str) -> dict:
     wf = json.loads((ROOT / "workflows" / "train_compose_api.json").read_text())
     wf["1"]["inputs"]["ckpt_name"] = CKPT_NAME
     wf["2"]["inputs"]["image"] = photo
-    wf["3"]["inputs"].update(steps=2, bilevel_iterations=1, resolution=64, sample_steps=1)
+    wf["3"]["inputs"].update(steps=2, bilevel_iters=1, resolution=64, sample_steps=1)
     wf["4"]["inputs"]["bank_name"] = bank_name
     wf["8"]["inputs"].update(width=64, height=64)
     wf["9"]["inputs"]["steps"] = 2
@@ -44,7 +44,7 @@ def test_nodes_are_registered(comfy_server):
     untipped += [f"{node} output {i}" for node, v in ours.items()
                  for i, tip in enumerate(v.get("output_tooltips") or [None] * len(v["output"])) if not tip]
     assert not untipped, untipped  # every input and output says what it is
-    assert "K:" in info["SeqLoRATrainConcept"]["input"]["required"]["bilevel_iterations"][1]["tooltip"]
+    assert "(K)" in info["SeqLoRATrainConcept"]["input"]["required"]["bilevel_iters"][1]["tooltip"]
 
 
 def test_example_workflow_trains_saves_composes_and_samples(comfy_server, comfy_path, photo):

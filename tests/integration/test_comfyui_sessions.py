@@ -12,8 +12,10 @@ import urllib.request
 
 from .helpers import CKPT_NAME, ROOT, pack_module, run_workflow
 
-QUICK = {"method": "seqlora", "rank": 4, "steps": 1, "bilevel_iterations": 1, "inner_steps": 1, "eps": 1e-8,
-         "resolution": 64, "seed": 0, "lr_a": 1e-4, "lr_b": 1e-4, "lr_embedding": 5e-3, "sample_steps": 0}
+# every training setting as the example workflow has it, made quick
+QUICK = {**{k: v for k, v in json.loads((ROOT / "workflows" / "train_compose_api.json").read_text())["3"]["inputs"].items()
+            if not isinstance(v, list) and k not in ("token", "init_word")},
+         "steps": 1, "bilevel_iters": 1, "inner_steps": 1, "resolution": 64, "sample_steps": 0}
 
 
 def _train_graph(photo: str, token: str, bank_name: str, load: bool, sample: bool = False) -> dict:

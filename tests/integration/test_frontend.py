@@ -10,7 +10,7 @@ import pytest
 from .browser import CHROMIUM, EXAMPLES, frontend_page, node_rectangles, overlapping
 from .helpers import CKPT_NAME, ROOT
 
-QUICK = {"SeqLoRATrainConcept": {"steps": 2, "bilevel_iterations": 1, "resolution": 64, "sample_steps": 1},
+QUICK = {"SeqLoRATrainConcept": {"steps": 2, "bilevel_iters": 1, "resolution": 64, "sample_steps": 1},
          "EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}}
 
 
