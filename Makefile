@@ -11,10 +11,10 @@ STAMP := $(VENV)/.seqlora-installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-ui.txt requirements-dev.txt constraints.txt
+$(STAMP): requirements.txt requirements-standalone.txt requirements-ui.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -r requirements.txt -r requirements-ui.txt -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install -r requirements.txt -r requirements-standalone.txt -r requirements-ui.txt -r requirements-dev.txt -c constraints.txt
 	touch $(STAMP)
 
 demo: setup

@@ -1,10 +1,14 @@
 """ComfyUI entry point of the SeqLoRA node pack (clone this repository into ComfyUI/custom_nodes/).
 
-ComfyUI imports this file as a package; ``seqlora_core`` (vendored here, host-agnostic) is
-imported as a top-level package, so the repository root goes on sys.path. Imported anywhere
-else (pytest treats the repository root as a package), it exports no nodes.
+ComfyUI imports this file as a package and calls :func:`comfy_entrypoint`, which returns the pack's
+``ComfyExtension`` (``nodes/extension.py``): its ``on_load`` registers ``models/seqlora`` and the
+``/seqlora/concepts`` route, its ``get_node_list`` returns the node classes. Importing this file
+does nothing else — no ComfyUI module, no server, no folder — so tests, other tools and ComfyUI's
+own scanners can import it anywhere.
+
+The one thing done at import is putting the repository root on sys.path: ``seqlora_core``
+(vendored here, host-agnostic) is imported as a top-level package by the nodes.
 """
-import importlib.util
 import os
 import sys
 
@@ -14,9 +18,12 @@ if _ROOT not in sys.path:
 
 WEB_DIRECTORY = "./js"
 
-if importlib.util.find_spec("comfy_api") is not None:  # inside ComfyUI
-    from .nodes.node_defs import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-else:
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+async def comfy_entrypoint():
+    """ComfyUI's V3 entry point: the pack as a ComfyExtension (imports ComfyUI only when called)."""
+    from .nodes.extension import SeqLoRAExtension
+
+    return SeqLoRAExtension()
+
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

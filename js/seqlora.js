@@ -17,16 +17,36 @@ function el(tag, style = {}, text = "") {
   return e;
 }
 
+// The node a server message is about. Inside a subgraph ComfyUI's execution id is a path of node
+// ids ("12:5": node 5 inside the subgraph node 12), so walk down from the root graph.
+function nodeFor(id) {
+  if (id == null) return null;
+  let graph = app.graph, node = null;
+  for (const part of String(id).split(":")) {
+    node = graph?.getNodeById(Number(part)) ?? null;
+    if (!node) return null;
+    graph = node.subgraph;
+  }
+  return node;
+}
+
 function renderBank(panel, data) {
   const box = panel.querySelector(".seqlora-bank");
   box.replaceChildren();
   const orth = Number(data.orthogonality || 0).toExponential(1);
+  if (data.file) {
+    const file = el("div", { fontWeight: "bold", color: "#8cf" }, `file: ${data.file}`);
+    file.className = "seqlora-file";
+    box.append(file);
+  }
   box.append(el("div", { fontWeight: "bold", marginBottom: "4px" },
     `${data.concepts.length} concept(s) · orthogonality error ${orth}`));
+  if (data.fingerprint) box.append(el("div", { opacity: 0.7 }, `base fingerprint ${data.fingerprint}`));
   for (const c of data.concepts) {
     const row = el("div", { display: "flex", justifyContent: "space-between", gap: "8px" });
     row.className = "seqlora-concept";
-    row.append(el("span", {}, c.token), el("span", { opacity: 0.7 }, `${c.method} · r${c.rank}`));
+    const loss = c.loss == null ? "" : ` · loss ${Number(c.loss).toFixed(4)}`;
+    row.append(el("span", {}, c.token), el("span", { opacity: 0.7 }, `${c.method} · r${c.rank}${loss}`));
     box.append(row);
   }
   for (const w of data.widths) {
@@ -71,8 +91,9 @@ function renderLoss(panel, losses, step, total) {
     });
     ctx.stroke();
   }
-  panel.querySelector(".seqlora-status").textContent =
-    `step ${step} / ${total} · loss ${losses.length ? losses[losses.length - 1].toFixed(4) : "-"}`;
+  const status = panel.querySelector(".seqlora-status");
+  status.textContent = `step ${step} / ${total} · loss ${losses.length ? losses[losses.length - 1].toFixed(4) : "-"}`;
+  status.dataset.state = "running";
 }
 
 function makePanel(withCurve) {
@@ -116,7 +137,6 @@ app.registerExtension({
     };
   },
   setup() {
-    const nodeFor = (id) => (id == null ? null : app.graph?.getNodeById(Number(id)));
     api.addEventListener("seqlora.progress", ({ detail }) => {
       const node = nodeFor(detail.node);
       if (!node?.seqloraPanel) return;
@@ -127,6 +147,14 @@ app.registerExtension({
     api.addEventListener("seqlora.bank", ({ detail }) => {
       const node = nodeFor(detail.node);
       if (node?.seqloraPanel) renderBank(node.seqloraPanel, detail);
+    });
+    // Cancel (or an error) during training: say so instead of leaving "step k / n" up
+    api.addEventListener("seqlora.stopped", ({ detail }) => {
+      const node = nodeFor(detail.node);
+      const status = node?.seqloraPanel?.querySelector(".seqlora-status");
+      if (!status) return;
+      status.textContent = `${detail.state} at step ${detail.step} / ${detail.total} · the bank was left as it was`;
+      status.dataset.state = detail.state;
     });
   },
 });
@@ -144,9 +172,30 @@ function parseRegions(text) {
 
 const BOX_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"];
 
-async function fetchTokens() {
+
+// The bank this Regional Concepts node composes from: follow links upstream (clip ← Compose
+// Concepts ← bank) to a Load Basis Bank node and read its file name; null when none is connected.
+function connectedBankName(node) {
+  const seen = new Set();
+  const queue = [node];
+  while (queue.length) {
+    const n = queue.shift();
+    if (!n || seen.has(n.id)) continue;
+    seen.add(n.id);
+    if (n.type === "SeqLoRALoadBasisBank") return n.widgets?.find((w) => w.name === "bank_name")?.value ?? null;
+    for (const input of n.inputs ?? []) {
+      if (input.link == null) continue;
+      const link = n.graph?.links?.[input.link] ?? n.graph?.links?.get?.(input.link);
+      if (link) queue.push(n.graph.getNodeById(link.origin_id));
+    }
+  }
+  return null;
+}
+
+async function fetchTokens(bankName) {
   try {
-    const res = await api.fetchApi("/seqlora/concepts");
+    const query = bankName ? `?bank=${encodeURIComponent(bankName)}` : "";
+    const res = await api.fetchApi(`/seqlora/concepts${query}`);
     const banks = await res.json();
     return [...new Set(Object.values(banks).flat())];
   } catch {
@@ -154,18 +203,43 @@ async function fetchTokens() {
   }
 }
 
+// The control image (sketch or keypose photo) shown under the boxes: the first Load Image of the
+// graph whose image feeds a ControlNet / T2I-Adapter apply node.
+function controlImageUrl(node) {
+  for (const n of node.graph?._nodes ?? []) {
+    if (n.type !== "LoadImage") continue;
+    const feedsControl = (n.outputs?.[0]?.links ?? []).some((id) => {
+      const link = n.graph.links?.[id] ?? n.graph.links?.get?.(id);
+      return link && /ControlNetApply/.test(n.graph.getNodeById(link.target_id)?.type ?? "");
+    });
+    const file = n.widgets?.find((w) => w.name === "image")?.value;
+    if (feedsControl && file) {
+      const [sub, name] = file.includes("/") ? [file.slice(0, file.lastIndexOf("/")), file.slice(file.lastIndexOf("/") + 1)] : ["", file];
+      return api.apiURL(`/view?filename=${encodeURIComponent(name)}&type=input&subfolder=${encodeURIComponent(sub)}`);
+    }
+  }
+  return null;
+}
+
+const HANDLE = 8; // canvas pixels around a corner that grab it for resizing
+const MAX_ROWS = 5; // box rows shown before the list scrolls
+
 function makeBoxEditor(node, widget) {
   const root = el("div", { fontSize: "11px", color: "#ddd", padding: "4px" });
   root.className = "seqlora-box-editor";
+  const hint = el("div", { opacity: 0.7, marginBottom: "2px" },
+    "drag on empty space (or Shift+drag) to add a box · drag a box to move it · drag a corner to resize");
   const canvas = el("canvas", { height: "200px", maxWidth: "100%", background: "#111", cursor: "crosshair",
-    display: "block", margin: "0 auto" });
+    display: "block", margin: "0 auto", touchAction: "none" });
   canvas.width = 256;
   canvas.height = 256;
-  const list = el("div", { marginTop: "4px" });
+  // at most MAX_ROWS rows visible (then it scrolls), so adding boxes never grows the node over its neighbours
+  const list = el("div", { marginTop: "4px", maxHeight: `${26 * MAX_ROWS}px`, overflowY: "auto" });
   list.className = "seqlora-box-list";
-  root.append(canvas, list);
+  root.append(hint, canvas, list);
   let tokens = [];
-  let drag = null;
+  let drag = null; // {mode: "new" | "move" | "resize", index, start: [x, y], box, corner}
+  let background = null;
 
   const state = () => parseRegions(widget.value);
   const save = (s) => {
@@ -179,6 +253,47 @@ function makeBoxEditor(node, widget) {
     return [((ev.clientX - r.left) / r.width) * s.width, ((ev.clientY - r.top) / r.height) * s.height];
   }
 
+  function clampBox(b, s) {
+    const [x0, y0, x1, y1] = [Math.min(b[0], b[2]), Math.min(b[1], b[3]), Math.max(b[0], b[2]), Math.max(b[1], b[3])];
+    return [Math.max(0, x0), Math.max(0, y0), Math.min(s.width, x1), Math.min(s.height, y1)].map(Math.round);
+  }
+
+  function hit(s, x, y) {
+    const grab = (HANDLE * s.width) / canvas.width;
+    for (let i = s.regions.length - 1; i >= 0; i--) {
+      const [x0, y0, x1, y1] = s.regions[i].box;
+      const corners = [[x0, y0], [x1, y0], [x0, y1], [x1, y1]];
+      const c = corners.findIndex(([cx, cy]) => Math.abs(cx - x) <= grab && Math.abs(cy - y) <= grab);
+      if (c >= 0) return { mode: "resize", index: i, corner: c };
+      if (x > x0 && x < x1 && y > y0 && y < y1) return { mode: "move", index: i };
+    }
+    return null;
+  }
+
+  function draggedBoxes(s) {
+    if (!drag) return s.regions;
+    const regions = s.regions.map((r) => ({ ...r }));
+    const [sx, sy] = drag.start, [cx, cy] = drag.current ?? drag.start;
+    if (drag.mode === "new") return [...regions, { box: clampBox([sx, sy, cx, cy], s), prompt: "" }];
+    const [x0, y0, x1, y1] = drag.box;
+    if (drag.mode === "move") {
+      const dx = Math.max(-x0, Math.min(s.width - x1, cx - sx)), dy = Math.max(-y0, Math.min(s.height - y1, cy - sy));
+      regions[drag.index].box = [x0 + dx, y0 + dy, x1 + dx, y1 + dy].map(Math.round);
+    } else {
+      const b = [x0, y0, x1, y1];
+      b[drag.corner % 2 === 0 ? 0 : 2] = cx;
+      b[drag.corner < 2 ? 1 : 3] = cy;
+      regions[drag.index].box = clampBox(b, s);
+    }
+    return regions;
+  }
+
+  function fitNode() {
+    const height = node.computeSize()[1];
+    if (Math.abs(node.size[1] - height) > 1) node.setSize([node.size[0], height]);
+    node.setDirtyCanvas?.(true, true);
+  }
+
   function render() {
     const s = state();
     canvas.height = Math.round(canvas.width * (s.height / s.width));
@@ -187,14 +302,19 @@ function makeBoxEditor(node, widget) {
     const k = canvas.width / s.width;
     ctx.fillStyle = "#111";
     ctx.fillRect(0, 0, canvas.width, canvas.height);
-    const all = drag ? [...s.regions, { box: drag, prompt: "" }] : s.regions;
-    all.forEach((r, i) => {
+    if (background?.complete && background.naturalWidth) {
+      ctx.globalAlpha = 0.5;
+      ctx.drawImage(background, 0, 0, canvas.width, canvas.height);
+      ctx.globalAlpha = 1;
+    }
+    draggedBoxes(s).forEach((r, i) => {
       const [x0, y0, x1, y1] = r.box;
       ctx.strokeStyle = BOX_COLORS[i % BOX_COLORS.length];
       ctx.lineWidth = 2;
       ctx.strokeRect(x0 * k, y0 * k, (x1 - x0) * k, (y1 - y0) * k);
       ctx.fillStyle = ctx.strokeStyle;
-      ctx.fillText(`${i + 1}`, x0 * k + 3, y0 * k + 11);
+      for (const [cx, cy] of [[x0, y0], [x1, y0], [x0, y1], [x1, y1]]) ctx.fillRect(cx * k - 3, cy * k - 3, 6, 6);
+      ctx.fillText(`${i + 1}`, x0 * k + 5, y0 * k + 13);
     });
     list.replaceChildren();
     s.regions.forEach((r, i) => {
@@ -207,10 +327,13 @@ function makeBoxEditor(node, widget) {
       const pick = el("select", { maxWidth: "90px" });
       pick.append(new Option("concept…", ""));
       tokens.forEach((t) => pick.append(new Option(t, t)));
+      pick.onfocus = () => refreshTokens(); // the bank may have changed since the node was created
       pick.onchange = () => {
         if (!pick.value) return;
         const t = state();
-        t.regions[i].prompt = `${t.regions[i].prompt || "a photo of"} ${pick.value}`.trim();
+        // the picked concept replaces the box's concept tokens instead of piling up after them
+        const text = (t.regions[i].prompt || "").replace(/<[A-Za-z0-9_-]+>/g, "").replace(/\s+/g, " ").trim();
+        t.regions[i].prompt = text ? `${text} ${pick.value}` : `a photo of ${pick.value}`;
         save(t);
       };
       const del = el("button", {}, "×");
@@ -218,33 +341,61 @@ function makeBoxEditor(node, widget) {
       row.append(swatch, prompt, pick, del);
       list.append(row);
     });
+    fitNode();
   }
 
   canvas.addEventListener("pointerdown", (ev) => {
     const s = state();
     const [x, y] = toImage(ev, s);
-    drag = [x, y, x, y];
+    const target = ev.shiftKey ? null : hit(s, x, y);
+    drag = target ? { ...target, start: [x, y], box: [...s.regions[target.index].box] } : { mode: "new", start: [x, y] };
     canvas.setPointerCapture(ev.pointerId);
+    ev.stopPropagation();
   });
   canvas.addEventListener("pointermove", (ev) => {
-    if (!drag) return;
-    const [x, y] = toImage(ev, state());
-    drag = [drag[0], drag[1], x, y];
+    const s = state();
+    const [x, y] = toImage(ev, s);
+    if (!drag) {
+      const over = hit(s, x, y);
+      canvas.style.cursor = over?.mode === "resize" ? "nwse-resize" : over ? "move" : "crosshair";
+      return;
+    }
+    drag.current = [x, y];
     render();
   });
   canvas.addEventListener("pointerup", () => {
     if (!drag) return;
-    const [a, b, c, d] = drag;
-    drag = null;
-    const box = [Math.min(a, c), Math.min(b, d), Math.max(a, c), Math.max(b, d)].map(Math.round);
     const s = state();
-    if (box[2] - box[0] >= 4 && box[3] - box[1] >= 4) s.regions.push({ box, prompt: "" });
+    const regions = draggedBoxes(s);
+    const mode = drag.mode;
+    drag = null;
+    if (mode === "new") {
+      const box = regions[regions.length - 1].box;
+      if (box[2] - box[0] >= 4 && box[3] - box[1] >= 4) s.regions.push({ box, prompt: "" });
+    } else {
+      s.regions = regions;
+    }
     save(s);
   });
 
-  fetchTokens().then((t) => { tokens = t; render(); });
+  async function refreshTokens() {
+    const bank = connectedBankName(node);
+    const fresh = await fetchTokens(bank);
+    if (fresh.join("\n") !== tokens.join("\n")) { tokens = fresh; render(); }
+  }
+
+  function refreshBackground() {
+    const url = controlImageUrl(node);
+    if (!url) { background = null; return; }
+    if (background?.dataset?.url === url) return;
+    background = new Image();
+    background.dataset.url = url;
+    background.onload = () => render();
+    background.src = url;
+  }
+
+  root.seqloraRender = () => { refreshBackground(); refreshTokens(); render(); };
   render();
-  root.seqloraRender = render;
   return root;
 }
 
@@ -256,12 +407,24 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       const widget = this.widgets.find((w) => w.name === "regions");
+      // the JSON stays the serialised value (and the API input) but is edited through the boxes
+      widget.hidden = true;
+      widget.computeSize = () => [0, -4];
+      for (const e of [widget.element, widget.inputEl]) if (e) e.style.display = "none";
+      const callback = widget.callback;
+      const node = this;
+      widget.callback = function () {
+        const r = callback?.apply(this, arguments);
+        node.seqloraEditor?.seqloraRender();
+        return r;
+      };
       const editor = makeBoxEditor(this, widget);
       this.seqloraEditor = editor;
       this.addDOMWidget("seqlora_box_editor", "seqlora", editor, {
         serialize: false,
-        getMinHeight: () => 220 + 26 * parseRegions(widget.value).regions.length,
+        getMinHeight: () => 250 + 26 * Math.min(MAX_ROWS, parseRegions(widget.value).regions.length),
       });
+      setTimeout(() => editor.seqloraRender(), 0); // links exist only after the graph is configured
       return result;
     };
     const onConfigure = nodeType.prototype.onConfigure;
@@ -269,6 +432,53 @@ app.registerExtension({
       const r = onConfigure?.apply(this, arguments);
       this.seqloraEditor?.seqloraRender();
       return r;
+    };
+    const onConnectionsChange = nodeType.prototype.onConnectionsChange;
+    nodeType.prototype.onConnectionsChange = function () {
+      const r = onConnectionsChange?.apply(this, arguments);
+      this.seqloraEditor?.seqloraRender();
+      return r;
+    };
+  },
+});
+
+// ---- "Load Image Folder (SeqLoRA)": upload several photos at once into the chosen folder under
+// input/ (ComfyUI's own /upload/image with a subfolder), then refresh the folder list.
+async function uploadPhotos(node, files) {
+  const folderWidget = node.widgets.find((w) => w.name === "folder");
+  let folder = folderWidget?.value;
+  if (!folder) folder = window.prompt("Folder under ComfyUI/input/ for these photos:", "my_concept");
+  if (!folder) return;
+  for (const file of files) {
+    const body = new FormData();
+    body.append("image", file);
+    body.append("subfolder", folder);
+    body.append("type", "input");
+    const res = await api.fetchApi("/upload/image", { method: "POST", body });
+    if (res.status !== 200) throw new Error(`upload of ${file.name} failed: ${res.status} ${res.statusText}`);
+  }
+  await app.refreshComboInNodes?.();
+  if (folderWidget) folderWidget.value = folder;
+  node.setDirtyCanvas?.(true, true);
+}
+
+app.registerExtension({
+  name: "SeqLoRA.ImageFolder",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== "SeqLoRALoadImageFolder") return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      const input = document.createElement("input");
+      Object.assign(input, { type: "file", multiple: true, accept: "image/*" });
+      input.style.display = "none";
+      document.body.append(input);
+      input.onchange = () => uploadPhotos(this, [...input.files]).finally(() => { input.value = ""; });
+      const onRemoved = this.onRemoved;
+      this.onRemoved = function () { input.remove(); return onRemoved?.apply(this, arguments); };
+      const button = this.addWidget("button", "upload photos…", null, () => input.click(), { serialize: false });
+      button.serialize = false; // neither in the saved workflow nor in the prompt
+      return result;
     };
   },
 });

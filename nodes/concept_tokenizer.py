@@ -23,9 +23,10 @@ class ConceptTokenizer:
         self.inner = inner.inner if isinstance(inner, ConceptTokenizer) else inner
         previous = dict(inner.embeddings) if isinstance(inner, ConceptTokenizer) else {}
         self.embeddings = {**previous, **embeddings}  # token such as '<chelsea>' → (k, d)
-        self._by_name = {PREFIX + t.strip("<>"): e for t, e in self.embeddings.items()}
-        self._pattern = re.compile("|".join(re.escape(t) for t in sorted(self.embeddings, key=len, reverse=True))) \
-            if self.embeddings else None
+        # a token matches whatever its case in the prompt (<Chelsea>, <chelsea>): ids are lower case
+        self._by_name = {PREFIX + t.strip("<>").lower(): e for t, e in self.embeddings.items()}
+        self._pattern = re.compile("|".join(re.escape(t) for t in sorted(self.embeddings, key=len, reverse=True)),
+                                   re.IGNORECASE) if self.embeddings else None
         self._tokenizer = self._patched_copy(self.inner)
 
     def _patched_copy(self, inner):
@@ -56,7 +57,7 @@ class ConceptTokenizer:
     def rewrite(self, text: str) -> str:
         if self._pattern is None:
             return text
-        return self._pattern.sub(lambda m: f" embedding:{PREFIX}{m.group(0).strip('<>')} ", text)
+        return self._pattern.sub(lambda m: f" embedding:{PREFIX}{m.group(0).strip('<>').lower()} ", text)
 
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
         return self._tokenizer.tokenize_with_weights(self.rewrite(text), return_word_ids, **kwargs)

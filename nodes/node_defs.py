@@ -1,37 +1,25 @@
 """SeqLoRA nodes, declared with ComfyUI's V3 node API (comfy_api.latest), category "SeqLoRA".
 
-Each class only declares inputs/outputs and calls ``nodes.operations``. Errors the user caused reach
-ComfyUI as one-sentence exceptions (SeqLoRAError).
+Each class only declares inputs/outputs (with a tooltip on every one), checks what can be checked
+before the queue runs (``validate_inputs``: ComfyUI marks the node red instead of failing mid-run)
+and calls ``nodes.operations``. Errors the user caused reach ComfyUI as one-sentence exceptions
+(SeqLoRAError). Importing this module has no side effect; ``nodes.extension`` hands ``NODES`` to
+ComfyUI.
 """
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 import inspect
+
+from comfy_api.latest import io
 
 from seqlora_core.settings import TRAINING_SETTINGS, Setting, train_settings
 
-from . import operations
+from . import operations, validation
+from .server_events import send
 
 CATEGORY = "SeqLoRA"
 BasisBank = io.Custom("BASIS_BANK")
-operations.register_folder()
-
-
-def _register_routes() -> None:
-    """GET /seqlora/concepts: the tokens of every bank in models/seqlora (the box editor's picker)."""
-    try:
-        from aiohttp import web
-        from server import PromptServer
-    except ImportError:
-        return
-
-    @PromptServer.instance.routes.get("/seqlora/concepts")
-    async def concepts(request):
-        return web.json_response(operations.bank_tokens())
-
-
-_register_routes()
+BANK_TIP = "a SeqLoRA bank: concepts with orthogonal bases, their LoRA factors and tokens"
 
 
 def _setting_input(setting: Setting):
@@ -52,18 +40,9 @@ def _setting_input(setting: Setting):
     return cls(setting.name, **kw)
 
 
-def _bank_ui(bank, text: str) -> dict:
+def _bank_ui(bank, text: str, **extra) -> dict:
     """What the bank nodes show: the info text and the js panel's data."""
-    return {"text": [text], "seqlora_bank": [operations.panel_data(bank)]}
-
-
-def _send(event: str, data: dict) -> None:
-    try:
-        from server import PromptServer
-
-        PromptServer.instance.send_sync(event, data)
-    except Exception:  # no server (scripts, tests): progress still goes to the progress bar
-        pass
+    return {"text": [text], "seqlora_bank": [{**operations.panel_data(bank), **extra}]}
 
 
 class TrainConcept(io.ComfyNode):
@@ -74,34 +53,108 @@ class TrainConcept(io.ComfyNode):
             description="Teach the loaded SD-1.5 one new concept from reference images, orthogonal to every "
                         "concept already in the bank (bilevel training, exact null-space projection).",
             inputs=[
-                io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
-                io.Image.Input("images", tooltip="reference images of the concept (a batch)"),
-                io.String.Input("token", default="<my-concept>", tooltip="the word to use in prompts, e.g. <chelsea>"),
-                io.String.Input("init_word", default="object", tooltip="a word close to the concept (cat, mug, person)"),
+                io.Model.Input("model", tooltip="the SD-1.5 model to train on (from Load Checkpoint)"),
+                io.Clip.Input("clip", tooltip="its text encoder; the concept's token embedding is learned in it"),
+                io.Vae.Input("vae", tooltip="its VAE, to encode the reference images"),
+                io.Image.Input("images", tooltip="reference images of the concept (a batch; any size, "
+                                                 "centre-cropped and resized to the resolution)"),
+                io.String.Input("token", default="<my-concept>",
+                                tooltip="the word to use in prompts, e.g. <chelsea> (letters, digits, _ or -)"),
+                io.String.Input("init_word", default="object",
+                                tooltip="a word close to the concept (cat, mug, person); the token starts from it"),
                 BasisBank.Input("bank", optional=True, tooltip="bank to extend; none starts a new one for this model"),
                 *(_setting_input(s) for s in TRAINING_SETTINGS),
+                io.Boolean.Input("allow_other_base", default=False, optional=True,
+                                 tooltip="use a bank made for another base model anyway (its concepts may look wrong)"),
+                io.Int.Input("sample_steps", default=20, min=0, max=100, optional=True,
+                             tooltip="sampler steps of the preview image of the new concept at the end (0: none)"),
             ],
-            outputs=[BasisBank.Output(display_name="bank"), io.Model.Output(display_name="model"),
-                     io.Clip.Output(display_name="clip"), io.Image.Output(display_name="loss_curve")],
+            outputs=[BasisBank.Output(display_name="bank", tooltip="the bank with the new concept appended"),
+                     io.Model.Output(display_name="model", tooltip="the model with every concept of the bank applied"),
+                     io.Clip.Output(display_name="clip", tooltip="the text encoder with every concept token usable"),
+                     io.Image.Output(display_name="loss_curve", tooltip="the denoising loss per step"),
+                     io.Image.Output(display_name="sample", tooltip="'a photo of <token>' on the new model "
+                                                                    "(black when sample_steps is 0)")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, images, token, init_word, bank=None, **setting_values):
+    def validate_inputs(cls, token=None, init_word=None):
+        return validation.first_problem(validation.token_problem(token), validation.init_word_problem(init_word))
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, token, init_word, bank=None, allow_other_base=False, sample_steps=20,
+                **setting_values):
         import comfy.utils
 
         settings = train_settings(setting_values)
-        bar = comfy.utils.ProgressBar(settings.steps)
+        steps = settings.steps
+        bar = comfy.utils.ProgressBar(steps)
         node = cls.hidden.unique_id if cls.hidden else None
+        last = {"step": 0}
 
         def progress(step, total, loss):
             bar.update_absolute(step, total)
-            _send("seqlora.progress", {"node": node, "step": step, "total": total, "loss": loss})
+            last["step"] = step
+            send("seqlora.progress", {"node": node, "step": step, "total": total, "loss": loss})
 
-        new_bank, new_model, new_clip, curve = operations.train(model, clip, vae, images, token, init_word, bank,
-                                                               settings, progress)
-        _send("seqlora.bank", {"node": node, **operations.panel_data(new_bank)})
-        return io.NodeOutput(new_bank, new_model, new_clip, curve)
+        try:
+            new_bank, new_model, new_clip, curve = operations.train(
+                model, clip, vae, images, token, init_word, bank, settings, progress, allow_other_base)
+        except BaseException as exc:
+            send("seqlora.stopped", {"node": node, "step": last["step"], "total": steps,
+                                     "state": "cancelled" if operations.is_cancel(exc) else "failed"})
+            raise
+        sample = operations.preview(new_model, new_clip, vae, new_bank.concepts[-1].token, settings.resolution,
+                                    sample_steps, settings.seed)
+        send("seqlora.bank", {"node": node, **operations.panel_data(new_bank)})
+        return io.NodeOutput(new_bank, new_model, new_clip, curve, sample)
+
+
+class LoadImageFolder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from seqlora_core.app.images import FITS
+
+        from .image_folder import image_folders
+
+        return io.Schema(
+            node_id="SeqLoRALoadImageFolder", display_name="Load Image Folder (SeqLoRA)", category=CATEGORY,
+            description="Every image of a folder under ComfyUI's input/ as one batch of squares, for Train Concept "
+                        "(photos of any size; put a concept's photos in input/<name>/).",
+            inputs=[io.Combo.Input("folder", options=image_folders(_input_dir()),
+                                   tooltip="a folder inside ComfyUI's input folder"),
+                    io.Int.Input("size", default=512, min=64, max=2048, step=64,
+                                 tooltip="side of the square each photo becomes (use the training resolution)"),
+                    io.Combo.Input("fit", options=list(FITS), default="crop",
+                                   tooltip="crop: fill the square, cut the longer side; pad: keep the whole photo, "
+                                           "grey bars; stretch: ignore the aspect ratio")],
+            outputs=[io.Image.Output(display_name="images", tooltip="the photos as one IMAGE batch"),
+                     io.Int.Output(display_name="count", tooltip="how many photos were loaded")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder=None, size=None, fit=None):
+        from pathlib import Path
+
+        path = Path(_input_dir()) / (folder or "")
+        files = sorted(path.glob("*")) if path.is_dir() else []
+        return folder, size, fit, [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+
+    @classmethod
+    def execute(cls, folder, size, fit):
+        from comfy_api.latest import ui
+
+        from .image_folder import load_folder
+
+        images = load_folder(_input_dir(), folder, size, fit)
+        return io.NodeOutput(images, images.shape[0], ui=ui.PreviewImage(images, cls=cls))
+
+
+def _input_dir() -> str:
+    import folder_paths
+
+    return folder_paths.get_input_directory()
 
 
 class LoadBasisBank(io.ComfyNode):
@@ -109,24 +162,28 @@ class LoadBasisBank(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SeqLoRALoadBasisBank", display_name="Load Basis Bank", category=CATEGORY,
-            description="Load a SeqLoRA bank from models/seqlora.",
-            inputs=[io.Combo.Input("bank_name", options=operations.bank_files()),
-                    io.Model.Input("model", optional=True, tooltip="refuse the bank if it was made for another base")],
-            outputs=[BasisBank.Output(display_name="bank"), io.String.Output(display_name="info")],
+            description="Load a SeqLoRA bank from models/seqlora (loaded again whenever the file changes).",
+            inputs=[io.Combo.Input("bank_name", options=operations.bank_files(),
+                                   tooltip="a bank file in models/seqlora"),
+                    io.Model.Input("model", optional=True, tooltip="refuse the bank if it was made for another base"),
+                    io.Boolean.Input("allow_other_base", default=False, optional=True,
+                                     tooltip="use a bank made for another base model anyway")],
+            outputs=[BasisBank.Output(display_name="bank", tooltip=BANK_TIP),
+                     io.String.Output(display_name="info", tooltip="what the bank holds, as text")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, bank_name, model=None):
-        """Re-run when the file changes (another workflow, the tab or the CLI saved it), not only
-        when the name does: ComfyUI would otherwise serve the bank it loaded first."""
-        return operations.bank_file_identity(bank_name)
+    def fingerprint_inputs(cls, bank_name=None, model=None, allow_other_base=False):
+        # the file's size, mtime and content hash: a bank changed on disk is loaded again, so a
+        # later save never builds on a stale copy (that silently lost concepts)
+        return operations.bank_file_identity(bank_name), allow_other_base
 
     @classmethod
-    def execute(cls, bank_name, model=None):
-        bank = operations.load_bank_file(bank_name, model)
+    def execute(cls, bank_name, model=None, allow_other_base=False):
+        bank = operations.load_bank_file(bank_name, model, allow_other_base)
         text = operations.info_text(bank)
-        return io.NodeOutput(bank, text, ui=_bank_ui(bank, text))
+        return io.NodeOutput(bank, text, ui=_bank_ui(bank, text, file=bank_name))
 
 
 class SaveBasisBank(io.ComfyNode):
@@ -134,17 +191,25 @@ class SaveBasisBank(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SeqLoRASaveBasisBank", display_name="Save Basis Bank", category=CATEGORY,
-            description="Save a bank into models/seqlora (atomic; an existing file is kept unless overwrite is on).",
-            inputs=[BasisBank.Input("bank"), io.String.Input("bank_name", default="my_concepts"),
-                    io.Boolean.Input("overwrite", default=False)],
-            outputs=[io.String.Output(display_name="file")],
+            description="Save a bank into models/seqlora (atomic; an existing file is kept unless overwrite is on, "
+                        "and never overwritten by a bank that lacks one of its concepts).",
+            inputs=[BasisBank.Input("bank", tooltip=BANK_TIP),
+                    io.String.Input("bank_name", default="my_concepts",
+                                    tooltip="file name in models/seqlora (.safetensors is added)"),
+                    io.Boolean.Input("overwrite", default=False,
+                                     tooltip="replace an existing file of that name; off: a numbered name is used")],
+            outputs=[io.String.Output(display_name="file", tooltip="the file name actually written")],
             is_output_node=True,
         )
 
     @classmethod
+    def validate_inputs(cls, bank_name=None):
+        return validation.first_problem(validation.bank_name_problem(bank_name))
+
+    @classmethod
     def execute(cls, bank, bank_name, overwrite):
         name = operations.save_bank_file(bank, bank_name, overwrite)
-        return io.NodeOutput(name, ui=_bank_ui(bank, f"saved {name}\n" + operations.info_text(bank)))
+        return io.NodeOutput(name, ui=_bank_ui(bank, f"saved {name}\n" + operations.info_text(bank), file=name))
 
 
 class BasisBankInfo(io.ComfyNode):
@@ -152,9 +217,10 @@ class BasisBankInfo(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SeqLoRABasisBankInfo", display_name="Basis Bank Info", category=CATEGORY,
-            description="What a bank holds: concepts, capacity used per layer, orthogonality.",
-            inputs=[BasisBank.Input("bank")],
-            outputs=[io.String.Output(display_name="info")],
+            description="What a bank holds: concepts with their final loss, capacity used per layer, "
+                        "orthogonality, the base model's fingerprint.",
+            inputs=[BasisBank.Input("bank", tooltip=BANK_TIP)],
+            outputs=[io.String.Output(display_name="info", tooltip="the same report as text")],
             is_output_node=True,
         )
 
@@ -171,11 +237,16 @@ class MergeBasisBanks(io.ComfyNode):
             node_id="SeqLoRAMergeBasisBanks", display_name="Merge Basis Banks", category=CATEGORY,
             description="Merge banks of one base: returned leases exactly; copies extended apart are refused "
                         "unless rebase is on (later concepts made orthogonal, their A refitted).",
-            inputs=[BasisBank.Input("bank_1"), BasisBank.Input("bank_2"),
-                    BasisBank.Input("bank_3", optional=True), BasisBank.Input("bank_4", optional=True),
-                    io.Boolean.Input("rebase", default=False),
+            inputs=[BasisBank.Input("bank_1", tooltip="the bank to merge into (its concepts come first)"),
+                    BasisBank.Input("bank_2", tooltip="a returned lease or a copy extended apart"),
+                    BasisBank.Input("bank_3", optional=True, tooltip="another bank to merge in"),
+                    BasisBank.Input("bank_4", optional=True, tooltip="another bank to merge in"),
+                    io.Boolean.Input("rebase", default=False,
+                                     tooltip="make overlapping later concepts orthogonal (their A refitted) "
+                                             "instead of refusing the merge"),
                     io.String.Input("renames", default="", tooltip="old=new, … for an id two banks hold with different contents")],
-            outputs=[BasisBank.Output(display_name="bank"), io.String.Output(display_name="info")],
+            outputs=[BasisBank.Output(display_name="bank", tooltip="the merged bank"),
+                     io.String.Output(display_name="info", tooltip="what the merge did, and the merged bank")],
         )
 
     @classmethod
@@ -193,16 +264,72 @@ class ComposeConcepts(io.ComfyNode):
             node_id="SeqLoRAComposeConcepts", display_name="Compose Concepts", category=CATEGORY,
             description="Apply any subset of a bank's concepts to MODEL and CLIP (a plain sum, like stock LoRA "
                         "loading); their tokens then work in ordinary prompts.",
-            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), BasisBank.Input("bank"),
-                    io.String.Input("concepts", default="all", tooltip="all, or id:strength, … e.g. chelsea:1.0, coffee:0.8")],
-            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip")],
+            inputs=[io.Model.Input("model", tooltip="the SD-1.5 model the bank was made for"),
+                    io.Clip.Input("clip", tooltip="its text encoder"),
+                    BasisBank.Input("bank", tooltip=BANK_TIP),
+                    io.String.Input("concepts", default="all",
+                                    tooltip="all, or id:strength, … e.g. chelsea:1.0, coffee:0.8")],
+            outputs=[io.Model.Output(display_name="model", tooltip="the model with the concepts added"),
+                     io.Clip.Output(display_name="clip", tooltip="the text encoder; concept tokens work in prompts")],
         )
+
+    @classmethod
+    def validate_inputs(cls, concepts=None):
+        return validation.first_problem(validation.selection_problem(concepts))
 
     @classmethod
     def execute(cls, model, clip, bank, concepts):
         ids, strengths = bank.parse_selection(concepts)
         new_model, new_clip = operations.compose(model, clip, bank, ids, strengths)
         return io.NodeOutput(new_model, new_clip)
+
+
+class RemoveConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SeqLoRARemoveConcept", display_name="Remove Concept (SeqLoRA)", category=CATEGORY,
+            description="A copy of the bank without one concept (its capacity is freed); save it to keep it.",
+            inputs=[BasisBank.Input("bank", tooltip=BANK_TIP),
+                    io.String.Input("concept", default="", tooltip="the concept's id or token, e.g. chelsea or <chelsea>")],
+            outputs=[BasisBank.Output(display_name="bank", tooltip="the bank without that concept")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, concept=None):
+        return validation.first_problem(validation.token_problem(concept))
+
+    @classmethod
+    def execute(cls, bank, concept):
+        smaller = operations.remove_concept(bank, concept)
+        return io.NodeOutput(smaller, ui=_bank_ui(smaller, operations.info_text(smaller)))
+
+
+class ExportLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SeqLoRAExportLoRA", display_name="Export LoRA (SeqLoRA)", category=CATEGORY,
+            description="Write concepts as one standard LoRA into models/loras (for the stock Load LoRA node and "
+                        "other tools) and their token embeddings into models/embeddings/<name>/.",
+            inputs=[BasisBank.Input("bank", tooltip=BANK_TIP),
+                    io.String.Input("concepts", default="all", tooltip="all, or ids separated by commas"),
+                    io.String.Input("lora_name", default="seqlora_concepts",
+                                    tooltip="file name in models/loras (.safetensors is added)"),
+                    io.Boolean.Input("overwrite", default=False,
+                                     tooltip="replace an existing LoRA of that name; off: a numbered name is used")],
+            outputs=[io.String.Output(display_name="file", tooltip="the LoRA file written, and how to use the tokens")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, concepts=None, lora_name=None):
+        return validation.first_problem(validation.selection_problem(concepts), validation.bank_name_problem(lora_name))
+
+    @classmethod
+    def execute(cls, bank, concepts, lora_name, overwrite):
+        text = operations.export_lora_file(bank, concepts, lora_name, overwrite)
+        return io.NodeOutput(text, ui={"text": [text]})
 
 
 class RegionalConcepts(io.ComfyNode):
@@ -213,14 +340,21 @@ class RegionalConcepts(io.ComfyNode):
             description="Give regions of the image their own prompts (e.g. one concept per box): inside each "
                         "region the cross-attention reads that region's prompt, elsewhere the global one. "
                         "Chain ControlNet / T2I-Adapter (sketch, keypose) on the conditioning as usual.",
-            inputs=[io.Model.Input("model"), io.Clip.Input("clip", tooltip="the composed CLIP, so concept tokens work"),
+            inputs=[io.Model.Input("model", tooltip="the composed model"),
+                    io.Clip.Input("clip", tooltip="the composed CLIP, so concept tokens work"),
                     io.String.Input("regions", multiline=True,
                                     default='{"width": 512, "height": 512, "regions": []}',
                                     tooltip="boxes and prompts; drawn with the box editor on the node"),
-                    io.Mask.Input("mask_1", optional=True), io.String.Input("mask_1_prompt", default="", optional=True),
-                    io.Mask.Input("mask_2", optional=True), io.String.Input("mask_2_prompt", default="", optional=True)],
-            outputs=[io.Model.Output(display_name="model")],
+                    io.Mask.Input("mask_1", optional=True, tooltip="a region given as a mask instead of a box"),
+                    io.String.Input("mask_1_prompt", default="", optional=True, tooltip="the prompt inside mask_1"),
+                    io.Mask.Input("mask_2", optional=True, tooltip="a second region given as a mask"),
+                    io.String.Input("mask_2_prompt", default="", optional=True, tooltip="the prompt inside mask_2")],
+            outputs=[io.Model.Output(display_name="model", tooltip="the model with regional cross-attention")],
         )
+
+    @classmethod
+    def validate_inputs(cls, regions=None):
+        return validation.first_problem(validation.regions_problem(regions))
 
     @classmethod
     def execute(cls, model, clip, regions, mask_1=None, mask_1_prompt="", mask_2=None, mask_2_prompt=""):
@@ -244,30 +378,27 @@ class DrawKeypose(io.ComfyNode):
             description="Draw an OpenPose-style keypose image from keypoints (OpenPose JSON) for a keypose "
                         "T2I-Adapter or ControlNet.",
             inputs=[io.String.Input("keypoints", multiline=True,
-                                    default='{"people": [{"pose_keypoints_2d": []}]}'),
-                    io.Int.Input("width", default=512, min=64, max=4096, step=8),
-                    io.Int.Input("height", default=512, min=64, max=4096, step=8)],
-            outputs=[io.Image.Output(display_name="keypose")],
+                                    default='{"people": [{"pose_keypoints_2d": []}]}',
+                                    tooltip='OpenPose JSON: {"people": [{"pose_keypoints_2d": [x, y, c, …]}]}'),
+                    io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="image width in pixels"),
+                    io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="image height in pixels")],
+            outputs=[io.Image.Output(display_name="keypose", tooltip="the colour-coded skeleton on black")],
         )
 
     @classmethod
-    def execute(cls, keypoints, width, height):
-        import json
+    def validate_inputs(cls, keypoints=None):
+        return validation.first_problem(validation.keypoints_problem(keypoints))
 
+    @classmethod
+    def execute(cls, keypoints, width, height):
         import numpy as np
         import torch
 
-        from seqlora_core.errors import InputError
         from seqlora_core.sampling.keypose import draw_keypose
 
-        try:
-            data = json.loads(keypoints)
-        except json.JSONDecodeError:
-            raise InputError("Keypoints must be OpenPose JSON: {\"people\": [{\"pose_keypoints_2d\": [x, y, c, …]}]}.") from None
-        image = draw_keypose(data, width, height).astype(np.float32) / 255.0
+        image = draw_keypose(validation.parse_keypoints(keypoints), width, height).astype(np.float32) / 255.0
         return io.NodeOutput(torch.from_numpy(image)[None])
 
 
-NODES = [TrainConcept, LoadBasisBank, SaveBasisBank, BasisBankInfo, MergeBasisBanks, ComposeConcepts, RegionalConcepts, DrawKeypose]
-NODE_CLASS_MAPPINGS = {n.define_schema().node_id: n for n in NODES}
-NODE_DISPLAY_NAME_MAPPINGS = {n.define_schema().node_id: n.define_schema().display_name for n in NODES}
+NODES = [TrainConcept, LoadImageFolder, LoadBasisBank, SaveBasisBank, BasisBankInfo, MergeBasisBanks, ComposeConcepts,
+         RemoveConcept, ExportLoRA, RegionalConcepts, DrawKeypose]

@@ -6,7 +6,7 @@ Nothing here re-implements the method: training is ``seqlora_core.method.trainer
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -20,7 +20,8 @@ from seqlora_core.bank.merge import merge_banks, parse_renames
 from seqlora_core.errors import BankError, InputError
 from seqlora_core.bank.export import lora_state_dict
 from seqlora_core.bank.fingerprint import base_fingerprint
-from seqlora_core.hosts.naming import compvis_layers
+from seqlora_core.bank.on_disk import file_identity
+from seqlora_core.hosts.naming import compvis_layers, unet_canonical_to_compvis
 from seqlora_core.app.plot import loss_curve_image
 from seqlora_core.method.trainer import TrainSettings, new_bank, train_concept
 
@@ -28,6 +29,8 @@ from .concept_tokenizer import ConceptTokenizer
 
 FOLDER = "seqlora"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9 _.()-]+$")
+# Inside ComfyUI a bank for another base is used only with the node's toggle, never a CLI flag.
+OTHER_BASE_HINT = "turn on allow_other_base to use it anyway"
 
 
 # -- folders -------------------------------------------------------------------------------------
@@ -44,9 +47,36 @@ def register_folder() -> str:
 
 
 def bank_files() -> list[str]:
+    """Bank files in models/seqlora; none before the folder is registered (the extension's on_load)."""
     import folder_paths
 
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        return []
     return folder_paths.get_filename_list(FOLDER)
+
+
+def bank_path(name: str) -> str | None:
+    import folder_paths
+
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        return None
+    return folder_paths.get_full_path(FOLDER, name)
+
+
+def bank_file_identity(name: str):
+    """Changes whenever the named bank file changes on disk (Load Basis Bank's change check)."""
+    path = bank_path(name)
+    return (name, file_identity(path) if path else None)
+
+
+def check_bank_name(name: str) -> str | None:
+    """None if ``name`` can be a bank file name, else the one sentence saying why not."""
+    stem = name.strip()
+    if stem.endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if not stem or not SAFE_NAME.match(stem):
+        return f"Bank name '{name}' may only use letters, digits, spaces and _ . ( ) -."
+    return None
 
 
 # -- base checks ---------------------------------------------------------------------------------
@@ -62,34 +92,58 @@ def check_model(model) -> None:
         raise InputError(f"SeqLoRA needs an SD-1.5 model; this MODEL is {type(model.model.model_config).__name__}.")
 
 
-def check_bank_for(bank: Bank, model, clip=None) -> None:
+class _Weight:
+    """What ``base_fingerprint`` reads of a layer: its weight."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+
+def unpatched_unet_layers(model) -> dict[str, _Weight]:
+    """Canonical UNet layer name → the base weight without any LoRA patch.
+
+    After sampling with a patched clone (Compose Concepts, a stock LoRA), ComfyUI leaves the patched
+    weights in the shared UNet until another model is loaded, keeping the originals in the patcher's
+    ``backup`` (shared by all clones; ``hook_backup`` for hook patches). Reading those first gives
+    the weights of the base itself, whatever was sampled last."""
+    unet = model.model.diffusion_model
+    backup = getattr(model, "backup", {}) or {}
+    hook_backup = getattr(model, "hook_backup", {}) or {}
+    out = {}
+    for name, layer in compvis_layers(unet).items():
+        key = f"diffusion_model.{unet_canonical_to_compvis(name)}.weight"
+        weight = layer.weight
+        if key in backup:
+            weight = backup[key].weight
+        if key in hook_backup:
+            weight = hook_backup[key][0]
+        out[name] = _Weight(weight)
+    return out
+
+
+def base_fingerprint_of(model) -> str:
+    return base_fingerprint(unpatched_unet_layers(model))
+
+
+def check_bank_for(bank: Bank, model, allow_other_base: bool = False) -> Bank:
+    """Refuse a bank made for another base; with ``allow_other_base`` return a copy re-signed for
+    this model (the trainer checks the base again), the bank passed in is never modified."""
     check_model(model)
-    bank.check_base("sd15", base_fingerprint(model_layers(model, clip)))
+    fingerprint = base_fingerprint_of(model)
+    bank.check_base("sd15", fingerprint, allow_other_base, hint=OTHER_BASE_HINT)
+    if allow_other_base and bank.base.get("fingerprint") not in (None, fingerprint):
+        bank = dataclasses.replace(bank, base={**bank.base, "fingerprint": fingerprint})
+    return bank
 
 
 # -- bank nodes ----------------------------------------------------------------------------------
-def bank_file_identity(name: str) -> str:
-    """Name plus inode, size and modification time: changes whenever the bank file is rewritten
-    (saves are atomic renames), so Load Basis Bank re-runs then."""
-    import folder_paths
-
-    path = folder_paths.get_full_path(FOLDER, name)
-    try:
-        st = os.stat(path) if path else None
-    except OSError:
-        st = None
-    return f"{name}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}" if st else f"{name}:missing"
-
-
-def load_bank_file(name: str, model=None) -> Bank:
-    import folder_paths
-
-    path = folder_paths.get_full_path(FOLDER, name)
+def load_bank_file(name: str, model=None, allow_other_base: bool = False) -> Bank:
+    path = bank_path(name)
     if path is None:
         raise BankError(f"No bank named {name} in models/{FOLDER}.")
     bank = load_bank(path)
     if model is not None:
-        check_bank_for(bank, model)
+        bank = check_bank_for(bank, model, allow_other_base)
     return bank
 
 
@@ -98,11 +152,12 @@ def save_bank_file(bank: Bank, name: str, overwrite: bool = False) -> str:
     otherwise the name gets a numbered suffix (another artist's bank is never lost)."""
     import folder_paths
 
+    problem = check_bank_name(name)
+    if problem:
+        raise InputError(problem)
     name = name.strip()
     if name.endswith(".safetensors"):
         name = name[: -len(".safetensors")]
-    if not name or not SAFE_NAME.match(name):
-        raise InputError(f"Bank name '{name}' may only use letters, digits, spaces and _ . ( ) -.")
     folder = Path(folder_paths.get_folder_paths(FOLDER)[0])
     path = folder / f"{name}.safetensors"
     counter = 1
@@ -120,8 +175,9 @@ def save_bank_file(bank: Bank, name: str, overwrite: bool = False) -> str:
 
 
 def _keeps(bank: Bank, disk: Bank) -> bool:
-    """Whether writing ``bank`` keeps every concept and outstanding lease of ``disk``."""
-    ours = {(c.id, c.hash) for c in bank.concepts}
+    """Whether writing ``bank`` keeps every concept and outstanding lease of ``disk``; a concept that
+    ``bank``'s own history records as removed (the Remove Concept node) may go."""
+    ours = {(c.id, c.hash) for c in bank.concepts} | bank.removed_concepts()
     return all((c.id, c.hash) in ours for c in disk.concepts) and \
         {l.id for l in disk.active_leases} <= {l.id for l in bank.leases}
 
@@ -138,18 +194,17 @@ def merge(banks: list[Bank], rebase: bool, renames_text: str) -> tuple[Bank, str
     return result.bank, "\n".join(lines)
 
 
-def bank_tokens() -> dict[str, list[str]]:
-    """Every bank in models/seqlora → its concept tokens, from the file headers only (cheap)."""
-    import folder_paths
-    from safetensors import safe_open
+def bank_tokens(only: str | None = None) -> dict[str, list[str]]:
+    """Every bank in models/seqlora (or just ``only``) → its concept tokens, from file headers only."""
+    from seqlora_core.bank.on_disk import concepts_in_file
 
     out = {}
     for name in bank_files():
+        if only is not None and name != only:
+            continue
         try:
-            with safe_open(folder_paths.get_full_path(FOLDER, name), framework="pt") as f:
-                entries = json.loads((f.metadata() or {}).get("concepts", "[]"))
-            out[name] = [e["token"] for e in entries if isinstance(e, dict) and "token" in e]
-        except Exception:  # a damaged file just offers no tokens here; loading it says why
+            out[name] = [e["token"] for e in concepts_in_file(bank_path(name)) if "token" in e]
+        except Exception:  # noqa: BLE001 - a damaged file just offers no tokens here; loading it says why
             out[name] = []
     return out
 
@@ -173,20 +228,53 @@ def info_text(bank: Bank) -> str:
 
 
 def panel_data(bank: Bank) -> dict:
-    """What the js bank panel draws: concepts and capacity per layer width."""
+    """What the js bank panel draws: concepts (with final loss), capacity per layer width, the
+    orthogonality error and the base model's fingerprint."""
     summary = bank.summary()
-    return {"concepts": [{k: c[k] for k in ("id", "token", "method", "rank")} for c in summary["concepts"]],
+    return {"concepts": [{**{k: c[k] for k in ("id", "token", "method", "rank")},
+                          "loss": c["final_loss"] if isinstance(c["final_loss"], (int, float)) else None}
+                         for c in summary["concepts"]],
             "widths": summary["widths"], "leases": summary["leases"],
-            "orthogonality": summary["max_orthogonality_error"]}
+            "orthogonality": summary["max_orthogonality_error"], "fingerprint": bank.base.get("fingerprint")}
 
 
+def remove_concept(bank: Bank, concept: str) -> Bank:
+    """The bank without ``concept`` (id or token); the bank passed in is unchanged."""
+    from seqlora_core.bank.format import token_to_id
+
+    return bank.without(token_to_id(concept))
+
+
+def export_lora_file(bank: Bank, selection: str, name: str, overwrite: bool = False) -> str:
+    """One kohya LoRA in models/loras and the embeddings in models/embeddings/<name>/; returns
+    what was written and how to use it, in one line."""
+    import folder_paths
+
+    from seqlora_core.bank.export import export_lora
+
+    problem = check_bank_name(name)
+    if problem:
+        raise InputError(problem.replace("Bank name", "LoRA name"))
+    ids, _ = bank.parse_selection(selection)
+    stem = name.strip().removesuffix(".safetensors")
+    loras = Path(folder_paths.get_folder_paths("loras")[0])
+    path, counter = loras / f"{stem}.safetensors", 1
+    while path.exists() and not overwrite:
+        path, counter = loras / f"{stem}_{counter:05d}.safetensors", counter + 1
+    embeddings = Path(folder_paths.get_folder_paths("embeddings")[0]) / path.stem
+    out, written = export_lora(bank, ids, path, embeddings)
+    uses = ", ".join(f"embedding:{path.stem}/{p.stem}" for p in written)
+    return f"wrote loras/{out.name}; in prompts use {uses}"
+
+
+# -- compose -------------------------------------------------------------------------------------
 def compose(model, clip, bank: Bank, ids: list[str], strengths: dict[str, float]):
     """MODEL and CLIP clones with Σ s_i A_i B_iᵀ patched in and the concept tokens usable."""
     import comfy.sd
 
     if not ids:
         return model, clip
-    check_bank_for(bank, model, clip)
+    check_bank_for(bank, model)
     lora = lora_state_dict(bank, ids, strengths)
     new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
     if new_clip is not None:
@@ -195,6 +283,21 @@ def compose(model, clip, bank: Bank, ids: list[str], strengths: dict[str, float]
 
 
 # -- train ---------------------------------------------------------------------------------------
+def is_cancel(exc: BaseException) -> bool:
+    """True for ComfyUI's Cancel (its interrupt exception) and the trainer's own interruption."""
+    from seqlora_core.method.trainer import Interrupted
+
+    return isinstance(exc, Interrupted) or type(exc).__name__ == "InterruptProcessingException"
+
+
+def preview(model, clip, vae, token: str, resolution: int, steps: int, seed: int) -> torch.Tensor:
+    """IMAGE of 'a photo of <token>' on the composed model; black when ``steps`` is 0."""
+    if steps <= 0:
+        return torch.zeros(1, resolution, resolution, 3)
+    from .preview import sample_preview
+
+    return sample_preview(model, clip, vae, f"a photo of {token}", resolution, steps, seed)
+
 def images_to_pixels(image: torch.Tensor, resolution: int) -> torch.Tensor:
     """ComfyUI IMAGE (b, H, W, 3) in [0, 1] → (b, 3, R, R) in [-1, 1], centre-cropped."""
     from PIL import Image
@@ -209,7 +312,7 @@ def images_to_pixels(image: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def train(model, clip, vae, image, token: str, init_word: str, bank: Bank | None, settings: TrainSettings,
-          progress=None):
+          progress=None, allow_other_base: bool = False):
     """Train one concept inside ComfyUI; returns (bank, model, clip, loss curve IMAGE)."""
     import comfy.model_management as mm
 
@@ -217,7 +320,7 @@ def train(model, clip, vae, image, token: str, init_word: str, bank: Bank | None
 
     check_model(model)
     if bank is not None:
-        check_bank_for(bank, model, clip)
+        bank = check_bank_for(bank, model, allow_other_base)
     pixels = images_to_pixels(image, settings.resolution)
     host = ComfyHost(model, clip, vae)
     with host.training():

@@ -166,3 +166,35 @@ def test_export_writes_embeddings_where_the_host_reads_them(stream_bank, tmp_pat
                                   embeddings_dir=tmp_path / "embeddings")
     assert sorted(p.name for p in (tmp_path / "Lora").rglob("*")) == ["all.safetensors"]
     assert [p.parent for p in embeddings] == [tmp_path / "embeddings"] * len(stream_bank.concepts)
+
+
+def test_a_save_never_drops_a_concept_the_file_holds(stream_bank, tmp_path):
+    """A host that loaded a bank earlier must not overwrite concepts added to the file since (the
+    ComfyUI Save node's check under the bank lock); concepts removed on purpose may go."""
+    from nodes.operations import _keeps
+    from seqlora_core.bank.on_disk import file_identity
+
+    path = tmp_path / "b.safetensors"
+    assert file_identity(path) is None
+    stream_bank.save(path)
+    first = file_identity(path)
+    assert file_identity(path) == first  # unchanged file, same identity
+    disk = load_bank(path)
+    assert _keeps(disk.without(disk.concepts[-1].id).without(disk.concepts[0].id), disk)  # on purpose
+    older = type(disk)(dict(disk.base), disk.eps, disk.concepts[:1])  # loaded before the others came
+    assert not _keeps(older, disk)
+    older.save(path)
+    assert file_identity(path) != first
+
+
+def test_base_refusal_says_how_this_surface_overrides(stream_bank):
+    import pytest
+
+    from seqlora_core.errors import BankError
+
+    with pytest.raises(BankError, match="--allow-other-base"):
+        stream_bank.check_base(stream_bank.base["architecture"], "0" * 16)
+    with pytest.raises(BankError) as info:
+        stream_bank.check_base(stream_bank.base["architecture"], "0" * 16, hint="turn on allow_other_base")
+    assert "--" not in str(info.value) and "allow_other_base" in str(info.value)
+    stream_bank.check_base(stream_bank.base["architecture"], "0" * 16, allow_other_base=True)

@@ -108,11 +108,71 @@ def test_load_node_fingerprint_follows_the_file(tmp_path, monkeypatch, stream_ba
     from nodes.operations import bank_file_identity
 
     path = tmp_path / "b.safetensors"
-    fake = types.SimpleNamespace(get_full_path=lambda folder, name: str(tmp_path / name) if (tmp_path / name).exists() else None)
+    fake = types.SimpleNamespace(folder_names_and_paths={"seqlora": ([str(tmp_path)], {".safetensors"})},
+                                 get_full_path=lambda folder, name: str(tmp_path / name) if (tmp_path / name).exists() else None)
     monkeypatch.setitem(sys.modules, "folder_paths", fake)
-    assert bank_file_identity("b.safetensors") == "b.safetensors:missing"
+    assert bank_file_identity("b.safetensors") == ("b.safetensors", None)
     stream_bank.save(path)
     first = bank_file_identity("b.safetensors")
     assert first == bank_file_identity("b.safetensors")  # unchanged file: ComfyUI may reuse its output
     stream_bank.without(stream_bank.concepts[0].id).save(path)
     assert bank_file_identity("b.safetensors") != first  # rewritten: Load Basis Bank runs again
+
+
+def test_concept_tokens_match_whatever_their_case():
+    vec = torch.randn(1, 8)
+    tok = ConceptTokenizer(FakeSD1Tokenizer(), {"<Chelsea>": vec})
+    for prompt in ("a photo of <chelsea>", "a photo of <CHELSEA>", "a photo of <Chelsea>"):
+        out = tok.tokenize_with_weights(prompt)["l"]
+        assert sum(torch.is_tensor(t) for t, _ in out) == 1, prompt
+
+
+def test_widget_values_are_checked_before_the_queue_runs():
+    from nodes import validation
+
+    assert validation.token_problem("<chelsea>") is None
+    assert "must look like <name>" in validation.token_problem("my cat")
+    assert validation.token_problem(None) is None  # linked: checked when the node runs
+    assert validation.bank_name_problem("my bank (2)") is None
+    assert "may only use" in validation.bank_name_problem("../etc")
+    assert validation.selection_problem("all") is None
+    assert validation.selection_problem("<chelsea>:0.8, coffee") is None
+    assert "not a number" in validation.selection_problem("chelsea:lots")
+    assert "not a concept id" in validation.selection_problem("a cat:1")
+    assert validation.regions_problem('{"width": 64, "height": 64, "regions": [{"box": [0, 0, 8, 8], "prompt": "x"}]}') is None
+    assert "empty or malformed box" in validation.regions_problem('{"regions": [{"box": [8, 0, 0, 8], "prompt": "x"}]}')
+    assert "Regions must be JSON" in validation.regions_problem("{")
+    assert validation.keypoints_problem('{"people": []}') is None
+    assert "OpenPose JSON" in validation.keypoints_problem("[1, 2")
+    assert validation.first_problem(None, None) is True
+    assert validation.first_problem(None, "second", "third") == "second"
+
+
+def test_image_folder_loads_photos_of_any_size(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from nodes.image_folder import image_folders, load_folder
+
+    photos = tmp_path / "cat"
+    photos.mkdir()
+    Image.fromarray(np.full((40, 100, 3), 255, np.uint8)).save(photos / "wide.png")
+    Image.fromarray(np.zeros((90, 30, 3), np.uint8)).save(photos / "tall.jpg")
+    (photos / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    assert image_folders(str(tmp_path)) == ["cat"]
+    crop = load_folder(str(tmp_path), "cat", 64, "crop")
+    assert crop.shape == (2, 64, 64, 3) and 0 <= float(crop.min()) and float(crop.max()) <= 1
+    pad = load_folder(str(tmp_path), "cat", 64, "pad")
+    assert abs(float(pad[0, 32, 0, 0]) - 127 / 255) < 0.01  # grey bar beside the tall photo (sorted: tall, wide)
+    assert float(crop[1].min()) > 0.99  # the wide white photo cropped: no grey
+    with pytest.raises(InputError):
+        load_folder(str(tmp_path), "../", 64, "crop")
+    with pytest.raises(InputError):
+        load_folder(str(tmp_path), "empty", 64, "crop")
+
+
+def test_panel_shows_loss_and_fingerprint(stream_bank):
+    data = panel_data(stream_bank)
+    assert data["fingerprint"] == stream_bank.base["fingerprint"]
+    assert all(isinstance(c["loss"], float) for c in data["concepts"])

@@ -31,11 +31,26 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def pil_to_tensor(img, resolution: int) -> Tensor:
-    """(3, R, R) in [-1, 1]: shorter side resized to R, then centre-cropped."""
+FITS = ("crop", "pad", "stretch")  # how a photo becomes an R×R training image
+
+
+def pil_to_tensor(img, resolution: int, fit: str = "crop") -> Tensor:
+    """(3, R, R) in [-1, 1]. ``crop``: shorter side resized to R, then centre-cropped; ``pad``: longer
+    side resized to R, the rest filled with grey (nothing of the subject is cut); ``stretch``:
+    resized to R×R ignoring the aspect ratio."""
     from PIL import Image
 
     img = img.convert("RGB")
+    if fit == "stretch":
+        img = img.resize((resolution, resolution), Image.BICUBIC)
+    elif fit == "pad":
+        w, h = img.size
+        scale = resolution / max(w, h)
+        small = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+        img = Image.new("RGB", (resolution, resolution), (127, 127, 127))
+        img.paste(small, ((resolution - small.width) // 2, (resolution - small.height) // 2))
+    elif fit != "crop":
+        raise InputError(f"Fit '{fit}' is not one of {', '.join(FITS)}.")
     w, h = img.size
     scale = resolution / min(w, h)
     img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
@@ -46,7 +61,8 @@ def pil_to_tensor(img, resolution: int) -> Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def load_images(paths: Iterable[str | Path], resolution: int, warn: Callable[[str], None] = _warn) -> Tensor:
+def load_images(paths: Iterable[str | Path], resolution: int, warn: Callable[[str], None] = _warn,
+                fit: str = "crop") -> Tensor:
     """(N, 3, R, R); files that are not images are skipped with a warning."""
     from PIL import Image, UnidentifiedImageError
 
@@ -55,7 +71,7 @@ def load_images(paths: Iterable[str | Path], resolution: int, warn: Callable[[st
         try:
             with Image.open(f) as img:
                 img.load()
-                out.append(pil_to_tensor(img, resolution))
+                out.append(pil_to_tensor(img, resolution, fit))
         except (UnidentifiedImageError, OSError, ValueError):
             warn(f"skipping {f}: not an image")
     if not out:

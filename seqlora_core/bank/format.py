@@ -371,6 +371,11 @@ class Bank:
         entry = history_entry("remove", [(gone.id, gone.hash)], author)
         return self._with(concepts=[c for c in self.concepts if c.id != ident], history=self.history + [entry])
 
+    def removed_concepts(self) -> set[tuple[str, str]]:
+        """(id, hash) of every concept this bank's history records as removed on purpose."""
+        return {(c["id"], c["hash"]) for e in self.history if e.get("action") == "remove"
+                for c in e.get("concepts", [])}
+
     def with_lease(self, lease: Lease) -> "Bank":
         entry = history_entry("lease", [], lease.author, lease=lease.id, note=f"{lease.name}: {lease.concepts} x rank {lease.rank}")
         return self._with(leases=self.leases + [lease], history=self.history + [entry])
@@ -380,14 +385,16 @@ class Bank:
         lease = self.get_lease(lease_id)
         return self._with(leases=[lease], confined_to=lease.id)
 
-    def check_base(self, architecture: str, fingerprint: str, allow_other_base: bool = False) -> None:
+    def check_base(self, architecture: str, fingerprint: str, allow_other_base: bool = False,
+                   hint: str = "pass --allow-other-base to use it anyway") -> None:
+        """Refuse another architecture always, another base's weights unless allowed; ``hint`` is
+        how the surface at hand lets the user override (a flag, a toggle)."""
         arch = self.base.get("architecture")
         if arch != architecture:
             raise BankError(f"This bank was made for a {arch} base, not for the loaded {architecture} model.")
         if not allow_other_base and self.base.get("fingerprint") not in (None, fingerprint):
             raise BankError("This bank was made for another base model (weights fingerprint "
-                            f"{self.base.get('fingerprint')}, loaded model {fingerprint}); "
-                            "pass --allow-other-base to use it anyway.")
+                            f"{self.base.get('fingerprint')}, loaded model {fingerprint}); {hint}.")
 
     # -- file --------------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:

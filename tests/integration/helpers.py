@@ -1,6 +1,7 @@
 """Helpers for the ComfyUI integration tests (kept out of conftest so tests can import them)."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import sys
@@ -23,6 +24,13 @@ def load_pack():
         sys.modules["seqlora_pack"] = module
         spec.loader.exec_module(module)
     return sys.modules["seqlora_pack"]
+
+
+def pack_module(name: str):
+    """A submodule of the pack, e.g. ``pack_module("nodes.operations")`` (importing the pack itself
+    imports nothing else: ComfyUI gets the nodes from ``comfy_entrypoint()``)."""
+    load_pack()
+    return importlib.import_module(f"seqlora_pack.{name}")
 
 
 def run_workflow(url: str, workflow: dict, timeout: float = 900) -> dict:

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import torch
 
-from .helpers import CKPT_NAME, ROOT, load_pack, run_workflow
+from .helpers import CKPT_NAME, ROOT, load_pack, pack_module, run_workflow
 
 NODES = {"SeqLoRATrainConcept": "Train Concept (SeqLoRA)", "SeqLoRALoadBasisBank": "Load Basis Bank",
          "SeqLoRASaveBasisBank": "Save Basis Bank", "SeqLoRABasisBankInfo": "Basis Bank Info",
@@ -22,7 +22,7 @@ def quick_example_workflow(photo: str, bank_name: str) -> dict:
     wf = json.loads((ROOT / "workflows" / "train_compose_api.json").read_text())
     wf["1"]["inputs"]["ckpt_name"] = CKPT_NAME
     wf["2"]["inputs"]["image"] = photo
-    wf["3"]["inputs"].update(steps=2, bilevel_iterations=1, resolution=64)
+    wf["3"]["inputs"].update(steps=2, bilevel_iters=1, resolution=64, sample_steps=1)
     wf["4"]["inputs"]["bank_name"] = bank_name
     wf["8"]["inputs"].update(width=64, height=64)
     wf["9"]["inputs"]["steps"] = 2
@@ -36,6 +36,15 @@ def test_nodes_are_registered(comfy_server):
         assert info[node_id]["category"] == "SeqLoRA"
     assert "BASIS_BANK" in info["SeqLoRATrainConcept"]["output"]
     assert info["SeqLoRATrainConcept"]["input"]["optional"]["bank"][0] == "BASIS_BANK"
+    ours = {k: v for k, v in info.items() if k.startswith("SeqLoRA")}
+    assert {"SeqLoRARemoveConcept", "SeqLoRAExportLoRA", "SeqLoRALoadImageFolder"} <= set(ours)
+    untipped = [f"{node}.{name}" for node, v in ours.items() for group in ("required", "optional")
+                for name, spec in v["input"].get(group, {}).items()
+                if len(spec) < 2 or not (spec[1] or {}).get("tooltip")]
+    untipped += [f"{node} output {i}" for node, v in ours.items()
+                 for i, tip in enumerate(v.get("output_tooltips") or [None] * len(v["output"])) if not tip]
+    assert not untipped, untipped  # every input and output says what it is
+    assert "(K)" in info["SeqLoRATrainConcept"]["input"]["required"]["bilevel_iters"][1]["tooltip"]
 
 
 def test_example_workflow_trains_saves_composes_and_samples(comfy_server, comfy_path, photo):
@@ -88,7 +97,7 @@ def test_compose_in_comfyui_matches_the_diffusers_path(comfy_importable, checkpo
     from seqlora_core.hosts.diffusers_host import DiffusersHost
     from seqlora_core.method.lora import LoRAHooks
 
-    operations = load_pack().nodes.operations
+    operations = pack_module("nodes.operations")
     bank_path = tmp_path / "bank.safetensors"
     token = "<chelsea>"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -135,7 +144,7 @@ def test_cancel_during_training_leaves_the_model_as_it_was(comfy_importable, che
 
     from seqlora_core.method.trainer import TrainSettings
 
-    operations = load_pack().nodes.operations
+    operations = pack_module("nodes.operations")
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True, output_clip=True)[:3]
     modules = [model.model.diffusion_model, clip.cond_stage_model]

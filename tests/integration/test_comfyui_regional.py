@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import torch
 
-from .helpers import CKPT_NAME, ROOT, load_pack, run_workflow
+from .helpers import CKPT_NAME, ROOT, load_pack, pack_module, run_workflow
 
 
 def test_region_isolation_in_comfy_cross_attention(comfy_importable):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from .browser import CHROMIUM, frontend_page
+from .browser import CHROMIUM, EXAMPLES, frontend_page, node_rectangles, overlapping
 from .helpers import CKPT_NAME, ROOT
 
-QUICK = {"SeqLoRATrainConcept": {"steps": 2, "bilevel_iterations": 1, "resolution": 64},
+QUICK = {"SeqLoRATrainConcept": {"steps": 2, "bilevel_iters": 1, "resolution": 64, "sample_steps": 1},
          "EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}}
 
 
@@ -24,6 +24,7 @@ def test_panel_renders_and_follows_training(comfy_server, comfy_path, photo):
         assert "SeqLoRA.BankPanel" in names
         page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", ui)
         assert page.locator(".seqlora-panel").count() == 3  # train, save, info
+        assert page.locator(".seqlora-status").first.text_content() == "not trained yet"
         settings = {**QUICK, "CheckpointLoaderSimple": {"ckpt_name": CKPT_NAME}, "LoadImage": {"image": photo},
                     "SeqLoRASaveBasisBank": {"bank_name": "pytest_frontend", "overwrite": True}}
         page.evaluate("""(settings) => {
@@ -37,13 +38,20 @@ def test_panel_renders_and_follows_training(comfy_server, comfy_path, photo):
         }""", settings)
         page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
         page.wait_for_function("""() => [...document.querySelectorAll('.seqlora-bank')]
-            .filter(e => e.textContent.includes('<chelsea>')).length >= 3""", timeout=600000)
+            .filter(e => e.textContent.includes("<chelsea>")).length >= 3""", timeout=1500000)
         status = page.locator(".seqlora-status").first.text_content()
         assert "step 2 / 2" in status
         bars = page.locator(".seqlora-capacity").count()
         assert bars >= 3
+        page.wait_for_timeout(1500)  # the image nodes show their results
+        assert not overlapping(node_rectangles(page))  # after a run too (the loss curve once covered Info)
         (ROOT / "out").mkdir(exist_ok=True)
         page.screenshot(path=str(ROOT / "out" / "comfyui-seqlora-panel.png"))
+        # what the server sends when Cancel stops a training (operations.is_cancel → seqlora.stopped)
+        train_id = page.evaluate("() => window.app.graph._nodes.find(n => n.type === 'SeqLoRATrainConcept').id")
+        page.evaluate("""(id) => window.comfyAPI.api.api.dispatchCustomEvent('seqlora.stopped',
+                         {node: String(id), step: 1, total: 2, state: 'cancelled'})""", train_id)
+        assert page.locator(".seqlora-status").first.text_content().startswith("cancelled at step 1 / 2")
         ours = [e for e in page.seqlora_errors
                 if "seqlora" in (e["text"] + e["where"]).lower()]
         assert not ours, ours
@@ -52,41 +60,127 @@ def test_panel_renders_and_follows_training(comfy_server, comfy_path, photo):
     saved.unlink()
 
 
-def test_box_editor_draws_and_edits_regions(comfy_server, comfy_path, stream_bank):
+def test_example_workflows_open_tidy(comfy_server):
+    """Every UI example loads in the real frontend with no two nodes overlapping, in groups, with a
+    note saying what to change."""
+    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed in this Python")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    with frontend_page(comfy_server) as page:
+        for name in EXAMPLES:
+            ui = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+            page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", ui)
+            page.wait_for_timeout(500)
+            rects = node_rectangles(page)
+            api = json.loads((ROOT / "workflows" / f"{name}_api.json").read_text())
+            assert {str(r["id"]) for r in rects} >= set(api), name  # every node of the API file is there
+            assert not overlapping(rects), (name, overlapping(rects))
+            assert any(r["type"] == "Note" for r in rects), name
+            assert len(ui["groups"]) >= 2, name
+
+
+def test_box_editor_draws_moves_resizes_and_picks(comfy_server, comfy_path, stream_bank):
     pytest.importorskip("playwright.sync_api", reason="Playwright is not installed in this Python")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     picker_bank = comfy_path / "models" / "seqlora" / "pytest_picker.safetensors"
     stream_bank.save(picker_bank)  # its tokens feed the concept picker
     ui = json.loads((ROOT / "workflows" / "regional_sketch_keypose.json").read_text())
+    for node in ui["nodes"]:  # the Load Basis Bank that the Regional node's CLIP comes from
+        if node["type"] == "SeqLoRALoadBasisBank":
+            node["widgets_values"][0] = picker_bank.name
     regions_of = "() => JSON.parse(window.app.graph.getNodeById(4).widgets.find(w => w.name === 'regions').value).regions"
     try:
         with frontend_page(comfy_server) as page:
             assert "SeqLoRA.BoxEditor" in page.evaluate("() => window.app.extensions.map(e => e.name)")
             page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", ui)
             page.evaluate("""() => { const n = window.app.graph.getNodeById(4), c = window.app.canvas;
-                                     c.ds.offset = [-n.pos[0] + 300, -n.pos[1] + 100]; c.setDirty(true, true); }""")
+                                     c.ds.offset = [-n.pos[0] + 300, -n.pos[1] + 100]; c.ds.scale = 1; c.setDirty(true, true); }""")
             page.wait_for_timeout(800)
             assert page.locator(".seqlora-box-row").count() == 2
+            assert page.evaluate("() => window.app.graph.getNodeById(4).widgets.find(w => w.name === 'regions').hidden")
             box = page.locator(".seqlora-box-editor canvas").bounding_box()
-            page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.6)
-            page.mouse.down()
-            page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.9, steps=5)
-            page.mouse.up()
+            at = lambda fx, fy: (box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)  # noqa: E731
+
+            def drag(start, end, shift=False):
+                if shift:
+                    page.keyboard.down("Shift")
+                page.mouse.move(*start)
+                page.mouse.down()
+                page.mouse.move(*end, steps=5)
+                page.mouse.up()
+                if shift:
+                    page.keyboard.up("Shift")
+
+            drag(at(0.2, 0.6), at(0.45, 0.9), shift=True)  # the two boxes cover the canvas: Shift draws
             regions = page.evaluate(regions_of)
             assert len(regions) == 3
             x0, y0, x1, y1 = regions[2]["box"]
             assert 0 <= x0 < x1 <= 512 and 256 < y0 < y1 <= 512
-            token = stream_bank.concepts[0].token
+            drag(at(((x0 + x1) / 2) / 512, ((y0 + y1) / 2) / 512), at(((x0 + x1) / 2 + 100) / 512, ((y0 + y1) / 2 - 50) / 512))
+            moved = page.evaluate(regions_of)[2]["box"]
+            assert abs(moved[0] - (x0 + 100)) <= 3 and abs(moved[1] - (y0 - 50)) <= 3  # moved, same size
+            assert abs((moved[2] - moved[0]) - (x1 - x0)) <= 1 and len(page.evaluate(regions_of)) == 3
+            drag(at(moved[2] / 512, moved[3] / 512), at((moved[2] + 40) / 512, min(511, moved[3] + 30) / 512))
+            resized = page.evaluate(regions_of)[2]["box"]
+            assert resized[:2] == moved[:2] and resized[2] > moved[2] + 30  # the corner moved, the opposite one stayed
+            tokens = [c.token for c in stream_bank.concepts]
+            row = page.locator(".seqlora-box-row").nth(2)
+            row.locator("select").focus()
             page.wait_for_function("() => document.querySelectorAll('.seqlora-box-row')[2]?.querySelector('select')"
-                                   ".options.length > 1")
-            page.locator(".seqlora-box-row").nth(2).locator("select").select_option(token)
-            assert token in page.evaluate(regions_of)[2]["prompt"]
+                                   f".options.length === {len(tokens) + 1}")
+            page.locator(".seqlora-box-row").nth(2).locator("select").select_option(tokens[0])
+            page.locator(".seqlora-box-row").nth(2).locator("select").select_option(tokens[1])
+            assert page.evaluate(regions_of)[2]["prompt"] == f"a photo of {tokens[1]}"  # replaced, not appended
             page.locator(".seqlora-box-row").nth(0).locator("button").click()
             assert [r["prompt"] for r in page.evaluate(regions_of)][0] == "a photo of <coffee>"
+            assert not overlapping(node_rectangles(page))
             (ROOT / "out").mkdir(exist_ok=True)
             page.screenshot(path=str(ROOT / "out" / "comfyui-seqlora-box-editor.png"))
             ours = [e for e in page.seqlora_errors if "seqlora" in (e["text"] + e["where"]).lower()]
             assert not ours, ours
     finally:
         picker_bank.unlink(missing_ok=True)
+
+
+def test_image_folder_node_uploads_several_photos(comfy_server, comfy_path, tmp_path):
+    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed in this Python")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    import os
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    files = []
+    for i, shape in enumerate([(40, 60, 3), (90, 30, 3)]):
+        files.append(tmp_path / f"photo{i}.png")
+        Image.fromarray(np.full(shape, 60 * i, np.uint8)).save(files[-1])
+    folder = f"pytest_upload_{os.getpid()}"
+    target = comfy_path / "input" / folder
+    ui = json.loads((ROOT / "workflows" / "train_next_concept.json").read_text())
+    try:
+        with frontend_page(comfy_server) as page:
+            page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", ui)
+            page.evaluate("""(folder) => { const n = window.app.graph._nodes.find(n => n.type === 'SeqLoRALoadImageFolder');
+                                           n.widgets.find(w => w.name === 'folder').value = folder; }""", folder)
+            with page.expect_file_chooser() as chooser:
+                page.evaluate("""() => window.app.graph._nodes.find(n => n.type === 'SeqLoRALoadImageFolder')
+                                     .widgets.find(w => w.name === 'upload photos…').callback()""")
+            chooser.value.set_files([str(f) for f in files])
+            deadline = time.time() + 60
+            while time.time() < deadline and len(list(target.glob("*.png"))) < 2:
+                time.sleep(0.5)
+            assert sorted(p.name for p in target.glob("*.png")) == ["photo0.png", "photo1.png"]
+            page.wait_for_function("""(folder) => window.app.graph._nodes.find(n => n.type === 'SeqLoRALoadImageFolder')
+                                      .widgets.find(w => w.name === 'folder').options.values.includes(folder)""",
+                                   arg=folder, timeout=30000)
+            ui_saved = json.loads(page.evaluate("() => JSON.stringify(window.app.graph.serialize())"))
+            node = next(n for n in ui_saved["nodes"] if n["type"] == "SeqLoRALoadImageFolder")
+            assert node["widgets_values"] == [folder, 512, "crop"]  # the button is not saved
+    finally:
+        for f in target.glob("*"):
+            f.unlink()
+        if target.exists():
+            target.rmdir()
