@@ -24,6 +24,15 @@ def quick_settings(method: str = "seqlora", **kw) -> TrainSettings:
     return TrainSettings(**base)
 
 
+@pytest.fixture
+def float64_by_default():
+    """Exactness checks run in float64; restored afterwards so other tests keep float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 @pytest.fixture(scope="session")
 def host() -> DiffusersHost:
     torch.manual_seed(0)

@@ -10,12 +10,7 @@ from seqlora_core.method.projector import NullSpaceProjector
 M, N_OUT, R, SAMPLES = 24, 10, 3, 500
 
 
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")  # exactness checks run in float64
 
 
 def orthogonal_concepts(g, count=3, layers=("l1", "l2")):

@@ -9,13 +9,7 @@ from seqlora_core.method.projector import NullSpaceProjector, normalised_overlap
 
 
 
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    """Exactness checks run in float64; restored afterwards so other test modules keep float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")  # exactness checks run in float64
 
 
 def two_layer_problem(seed=0, n=5, m=6, r=2, N=7):
