@@ -93,7 +93,7 @@ def test_a_held_lock_refuses_or_waits(shared, tmp_path):
     t0 = time.time()
     cli("bank", "remove", copy, "--concept", "first", "--wait")
     assert time.time() - t0 >= 1.5
-    assert [c.id for c in load_bank(copy).concepts] == ["racer-a", "racer-b"]
+    assert sorted(c.id for c in load_bank(copy).concepts) == ["racer-a", "racer-b"]  # the racers finish in either order
 
 
 def test_a_bank_changed_behind_the_lock_goes_to_a_pending_file(shared, tmp_path):
