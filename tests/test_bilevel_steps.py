@@ -6,7 +6,9 @@ from seqlora_core.errors import InputError
 from seqlora_core.hosts.diffusers_host import resolve_dtype
 from seqlora_core.method.bilevel import BilevelConfig, BilevelSolver, StepRule
 
-from test_linear_identities import float64_by_default, two_layer_problem  # noqa: F401
+from test_linear_identities import two_layer_problem
+
+pytestmark = pytest.mark.usefixtures("float64_by_default")  # exactness checks run in float64
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
