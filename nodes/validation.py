@@ -46,21 +46,9 @@ def bank_name_problem(name: str | None) -> str | None:
 def selection_problem(text: str | None) -> str | None:
     """'all' or 'id[:strength], …' with valid ids and numeric strengths (the ids are checked
     against the bank when the node runs)."""
-    from seqlora_core.bank.format import token_to_id
+    from seqlora_core.bank.format import parse_selection_text
 
-    if text is None or text.strip() in ("", "all", "*"):
-        return None
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        ident, _, value = item.partition(":")
-        problem = _sentence(token_to_id, ident.strip())
-        if problem:
-            return f"Concept '{ident.strip()}' in '{text}' is not a concept id (letters, digits, _ or -)."
-        if value.strip():
-            try:
-                float(value)
-            except ValueError:
-                return f"Strength in '{item}' is not a number."
-    return None
+    return None if text is None else _sentence(parse_selection_text, text)
 
 
 def regions_problem(text: str | None) -> str | None:

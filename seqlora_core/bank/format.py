@@ -58,6 +58,32 @@ def token_to_id(token: str) -> str:
     return ident
 
 
+def parse_selection_text(text: str | None) -> list[tuple[str, float | None]] | None:
+    """The one concept-selection syntax of every surface, checked without a bank:
+    'chelsea:0.8, <coffee>' → [('chelsea', 0.8), ('coffee', None)]; '', 'all' or '*' → None
+    (every concept). The same ``ID:STRENGTH`` form as A1111's ``<seqlora:BANK:ID:STRENGTH>``.
+    Whether the ids exist is the bank's question (`Bank.parse_selection`)."""
+    text = (text or "").strip()
+    if text in ("", "all", "*"):
+        return None
+    chosen = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        ident, _, value = item.partition(":")
+        try:
+            ident = token_to_id(ident)
+        except InputError:
+            raise InputError(f"Concept '{ident.strip()}' in '{text}' is not a concept id "
+                             "(letters, digits, _ or -).") from None
+        strength = None
+        if value.strip():
+            try:
+                strength = float(value)
+            except ValueError:
+                raise InputError(f"Strength in '{item}' is not a number; write id:0.8.") from None
+        chosen.append((ident, strength))
+    return chosen
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
@@ -313,24 +339,14 @@ class Bank:
                 "leases": self.lease_table(), "lease_file_of": self.confined_to, "history": list(self.history)}
 
     def parse_selection(self, text: str) -> tuple[list[str], dict[str, float]]:
-        """The one concept-selection syntax of every surface: 'chelsea:0.8, <coffee>' → ids in the
-        order given and strengths (default 1.0); '', 'all' or '*' → every concept at 1.0. The same
-        ``ID:STRENGTH`` form as A1111's ``<seqlora:BANK:ID:STRENGTH>``."""
-        text = (text or "").strip()
-        if text in ("", "all", "*"):
+        """`parse_selection_text` checked against this bank → ids in the order given and the
+        strengths given (default 1.0 elsewhere); everything when the text selects all."""
+        chosen = parse_selection_text(text)
+        if chosen is None:
             return [c.id for c in self.concepts], {}
-        ids, strengths = [], {}
-        for item in filter(None, (p.strip() for p in text.split(","))):
-            ident, _, value = item.partition(":")
-            ident = ident.strip().strip("<>").lower()
+        for ident, _ in chosen:
             self.get(ident)
-            ids.append(ident)
-            if value.strip():
-                try:
-                    strengths[ident] = float(value)
-                except ValueError:
-                    raise InputError(f"Strength in '{item}' is not a number; write id:0.8.") from None
-        return ids, strengths
+        return [i for i, _ in chosen], {i: s for i, s in chosen if s is not None}
 
     def composed_factors(self, ids: list[str] | None = None,
                          strengths: dict[str, float] | None = None) -> dict[str, Factors]:
