@@ -132,7 +132,7 @@ def check_bank_for(bank: Bank, model, allow_other_base: bool = False) -> Bank:
     fingerprint = base_fingerprint_of(model)
     bank.check_base("sd15", fingerprint, allow_other_base, hint=OTHER_BASE_HINT)
     if allow_other_base and bank.base.get("fingerprint") not in (None, fingerprint):
-        bank = dataclasses.replace(bank, base={**bank.base, "fingerprint": fingerprint})
+        bank = dataclasses.replace(bank, base={**bank.base, **fingerprint.base_fields()})
     return bank
 
 

@@ -142,7 +142,10 @@ def _with_base(src, dst, **base_changes):
     save_file(tensors, str(dst), metadata=meta)
 
 
-@pytest.mark.parametrize("change", [{"architecture": "sd15"}, {"fingerprint": "0123456789abcdef"}])
+ANOTHER_BASE = {"fingerprint": "0123456789abcdef", "sketch": [0.5] * 4}  # digest and sketch of another model
+
+
+@pytest.mark.parametrize("change", [{"architecture": "sd15"}, ANOTHER_BASE])
 def test_bank_for_another_base(cli_bank, photos, tmp_path, change):
     bank, tokens = cli_bank
     other = tmp_path / "other.safetensors"

@@ -190,10 +190,10 @@ def test_forks_are_refused_then_rebased(shared, photos, tmp_path):
 
 def test_merge_refuses_another_base_and_an_existing_stranger(shared, tmp_path):
     _, bank, _ = shared
-    from tests.test_cli import _with_base
+    from tests.test_cli import ANOTHER_BASE, _with_base
 
     other = tmp_path / "other.safetensors"
-    _with_base(bank, other, fingerprint="0123456789abcdef")
+    _with_base(bank, other, **ANOTHER_BASE)
     assert_user_error(cli("bank", "merge", "--out", tmp_path / "m.safetensors", bank, other, check=False),
                       "another base")
     stranger = tmp_path / "stranger.safetensors"

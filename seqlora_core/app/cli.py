@@ -64,7 +64,7 @@ def cmd_train(args) -> None:
         else:
             bank.check_base(host.architecture(), base_fingerprint(host.linear_layers()), args.allow_other_base)
             if args.allow_other_base:
-                bank.base["fingerprint"] = base_fingerprint(host.linear_layers())
+                bank.base.update(base_fingerprint(host.linear_layers()).base_fields())
         given = {s.name: getattr(args, s.name) for s in TRAINING_SETTINGS}
         settings = train_settings({**given, "eps": bank.eps,
                                    "resolution": args.resolution or default_resolution(host)})

@@ -408,7 +408,9 @@ class Bank:
         arch = self.base.get("architecture")
         if arch != architecture:
             raise BankError(f"This bank was made for a {arch} base, not for the loaded {architecture} model.")
-        if not allow_other_base and self.base.get("fingerprint") not in (None, fingerprint):
+        from .fingerprint import same_base
+
+        if not allow_other_base and not same_base(self.base, fingerprint):
             raise BankError("This bank was made for another base model (weights fingerprint "
                             f"{self.base.get('fingerprint')}, loaded model {fingerprint}); {hint}.")
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from ..errors import BankError, CapacityError, InputError
 from ..method.activation_stats import second_moment_times
 from ..method.projector import NullSpaceProjector
+from .fingerprint import Fingerprint, same_base
 from .format import ID_PATTERN, ORTHOGONALITY_TOLERANCE, Bank, Concept
 from .lease import Lease
 from .provenance import history_entry, merged_history, now_iso
@@ -58,8 +59,10 @@ def parse_renames(items: list[str]) -> dict[str, str]:
 def _check_bases(banks: list[Bank], names: list[str]) -> None:
     first = banks[0].base
     for bank, name in zip(banks[1:], names[1:]):
+        theirs = Fingerprint(bank.base.get("fingerprint") or "", bank.base.get("sketch") or ())
         for key in ("architecture", "fingerprint"):
-            if bank.base.get(key) != first.get(key):
+            same = bank.base.get(key) == first.get(key) or (key == "fingerprint" and same_base(first, theirs))
+            if not same:
                 raise BankError(f"{name} was made for another base model than {names[0]} ({key} "
                                 f"{bank.base.get(key)} vs {first.get(key)}); only banks of one base merge.")
 

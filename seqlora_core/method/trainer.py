@@ -64,7 +64,7 @@ class TrainResult:
 
 
 def new_bank(host: Host, eps: float = 1e-8) -> Bank:
-    return Bank({"architecture": host.architecture(), "fingerprint": base_fingerprint(host.linear_layers())}, eps)
+    return Bank({"architecture": host.architecture(), **base_fingerprint(host.linear_layers()).base_fields()}, eps)
 
 
 def encode_latents(host: Host, pixels: Tensor, chunk: int = 4) -> Tensor:
