@@ -175,6 +175,9 @@ class BlockCheckpointing:
             bound = dict(self.hooks.trainable)  # as bound now: later passes re-bind the hooks
             names = [n for n in inside if n in bound]
             factors = [t for n in names for t in bound[n]]
+            # dict arguments (ComfyUI's transformer_options) copied: later blocks may write to them
+            args = tuple(dict(x) if isinstance(x, dict) else x for x in args)
+            kwargs = {k: dict(x) if isinstance(x, dict) else x for k, x in kwargs.items()}
             slots, tensors = _tensor_slots(args, kwargs)
             hooks, context, k = self.hooks, self.context, len(tensors)
 

@@ -208,7 +208,12 @@ def test_training_weights_alias_comfys_instead_of_cloning_them(comfy_importable,
         assert all(inside[i].data_ptr() == weights[i].data_ptr() for i in swapped)  # same storage, no copy
         result = train_concept(host, None, next(iter(pixels.values())), "<alias>", "cat",
                                TrainSettings(steps=1, bilevel_iters=1, resolution=64, stats_q=0))
+        # memory=checkpoint on ldm's blocks (BasicTransformerBlock, ResBlock): the same concept
+        checked = train_concept(host, None, next(iter(pixels.values())), "<alias>", "cat",
+                                TrainSettings(steps=1, bilevel_iters=1, resolution=64, stats_q=0, memory="checkpoint"))
     assert result.losses and all(torch.isfinite(torch.tensor(result.losses)))
+    a, a_checked = (torch.cat([t.flatten() for t in r.concept.A.values()]) for r in (result, checked))
+    assert float((a_checked - a).norm() / a.norm()) < 1e-3
     assert all(a is b for a, b in zip(tensors(), weights))  # the originals are back
     print(f"\nweights swapped {weights_mb:.0f} MiB; resident growth entering training(): {grown:.0f} MiB "
           f"(aliases); cloning them instead: +{cloned:.0f} MiB")
