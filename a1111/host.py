@@ -90,6 +90,11 @@ class A1111Host:
         with frozen_parameters(self.sd_model), lora_extension_unloaded(self._layers), torch.enable_grad():
             yield
 
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """The UNet blocks memory=checkpoint recomputes (ldm's BasicTransformerBlock, ResBlock)."""
+        from seqlora_core.method.checkpointing import checkpoint_blocks
+        return checkpoint_blocks(self.unet)
+
     def differentiable_attention(self) -> contextlib.AbstractContextManager:
         # A1111's SDP optimisation calls torch SDPA, which the math kernel makes twice
         # differentiable; xformers has no double backward (use --opt-sdp-attention to train)

@@ -7,7 +7,7 @@ for non-finite gradients, as JSON with the device named. The issue's targets are
 at most 120 s and 10 GB on one H100 at 512 px, SD-1.5 in fp16.
 
     python bench/concept_time.py --device cuda                      # sd15-random, 512 px, fp16, 200 steps
-    python bench/concept_time.py --device cuda --low-memory         # the low-memory order (bilevel D6)
+    python bench/concept_time.py --device cuda --memory low        # the low-memory order (bilevel D6)
     python bench/concept_time.py --base tiny --resolution 64 --steps 20   # CPU: shows it works
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from datetime import datetime, timezone
@@ -24,11 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+from _memory import PeakMemory  # noqa: E402
 
 
 def main() -> None:
@@ -39,11 +36,14 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=None, help="default 512 (64 on tiny)")
     p.add_argument("--steps", type=int, default=200, help="minibatches (the CLI's default)")
     p.add_argument("--method", default="seqlora")
-    p.add_argument("--low-memory", action="store_true", help="train with memory=low (bilevel D6)")
+    p.add_argument("--memory", default="default", help="default | low (bilevel D6) | checkpoint | low+checkpoint")
+    p.add_argument("--low-memory", action="store_true", help="same as --memory low")
     p.add_argument("--images", type=int, default=4, help="how many scikit-image photos of one concept")
     p.add_argument("--workdir", default=str(ROOT / "out" / "bench"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
+    if args.low_memory:
+        args.memory = "low"
 
     import torch
 
@@ -58,37 +58,28 @@ def main() -> None:
     folder = next(iter(write_photos(Path(args.workdir)).values()))
     pixels = load_images([folder], resolution)[: args.images]
     cuda = host.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_mb = torch.cuda.memory_allocated() / 2**20
-    else:
-        base_mb = rss_mb()
     settings = TrainSettings(method=args.method, rank=4, steps=args.steps, bilevel_iters=3, inner_steps=2,
-                             resolution=resolution, memory="low" if args.low_memory else "default")
+                             resolution=resolution, memory=args.memory)
     start = time.perf_counter()
-    result = train_concept(host, None, pixels, "<bench>", "dog", settings)
-    if cuda:
-        torch.cuda.synchronize()
+    with PeakMemory(host.device) as memory:
+        result = train_concept(host, None, pixels, "<bench>", "dog", settings)
     seconds = time.perf_counter() - start
-    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     row = {
         "benchmark": "concept_time", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": str(host.device),
         "device_name": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
         "cores": os.cpu_count(), "torch": torch.__version__, "dtype": str(host.dtype).removeprefix("torch."),
         "base": args.base, "resolution": resolution, "images": len(pixels), "method": args.method,
-        "K": 3, "T": 2, "rank": 4, "steps": args.steps, "low_memory": args.low_memory,
+        "K": 3, "T": 2, "rank": 4, "steps": args.steps, "memory": args.memory,
         "seconds": seconds, "seconds_per_step": seconds / args.steps,
-        "peak_extra_mb": peak_mb - base_mb, "model_mb": base_mb,
+        "peak_extra_mb": memory.peak, "model_mb": memory.start,
         "final_loss": result.concept.final_loss, "skipped_steps": result.skipped_steps,
     }
     print(json.dumps(row, indent=2))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = (f"concept_time-{'cuda' if cuda else 'cpu'}-{args.base}-{resolution}px-{row['dtype']}"
-            f"{'-lowmem' if args.low_memory else ''}.json")
+            f"{'' if args.memory == 'default' else '-' + args.memory.replace('+', '-')}.json")
     (out / name).write_text(json.dumps(row, indent=2) + "\n")
     print(f"wrote {out / name}")
 

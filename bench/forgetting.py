@@ -33,7 +33,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from _memory import PeakMemory  # noqa: E402
 from forgetting_report import update_results_md, write_plot  # noqa: E402
 
 from seqlora_core.app.demo import STREAM, write_photos  # noqa: E402
@@ -61,45 +61,6 @@ PRESETS = ("default", "unet-cross")
 RANDOM_BASES = ("tiny", "sd15-random")
 HONESTY = ("The base has random weights: these figures show the machinery (how much each method lets "
            "concepts disturb one another, measured with fixed noise), not image quality.")
-
-
-class PeakMemory:
-    """Peak memory above the level at entry, in MiB: CUDA's peak allocation, or sampled RSS."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.peak = 0.0
-
-    @staticmethod
-    def rss_mb() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def __enter__(self) -> "PeakMemory":
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated() / 2**20
-        else:
-            self.start = self.rss_mb()
-            self._stop = threading.Event()
-            self._top = self.start
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self._top = max(self._top, self.rss_mb())
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() / 2**20 - self.start
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self._top, self.rss_mb()) - self.start
 
 
 def train_settings(args, method: str, preset: str, index: int, seed: int) -> TrainSettings:

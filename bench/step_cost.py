@@ -9,7 +9,7 @@ model; GPU: torch.cuda.max_memory_allocated above the loaded model). Results go 
 
     python bench/step_cost.py                        # CPU: 128 px (16×16 latent), 3 timed steps
     python bench/step_cost.py --device cuda          # GPU: 512 px, the host's default fp16
-    python bench/step_cost.py --methods seqlora --low-memory --tag lowmem   # one lever at a time
+    python bench/step_cost.py --methods seqlora --memory low --tag lowmem   # one lever at a time
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -31,14 +30,12 @@ KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": st
               "MALLOC_TOP_PAD_": str(2**30)}
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def child(args) -> dict:
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
     import torch
+
+    from _memory import PeakMemory
 
     from seqlora_core.hosts.diffusers_host import DiffusersHost
     from seqlora_core.app.images import load_images
@@ -50,12 +47,6 @@ def child(args) -> dict:
     photos = write_photos(Path(args.workdir))
     pixels = load_images([next(iter(photos.values()))], args.resolution)
     cuda = host.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated() / 2**20
-    else:
-        base_mem = rss_mb()
     stamps, cpu_stamps = [], []
 
     def progress(step, total, loss):
@@ -66,15 +57,15 @@ def child(args) -> dict:
 
     settings = TrainSettings(method=args.method, steps=args.steps + 1, bilevel_iters=1, inner_steps=2,
                              resolution=args.resolution, lr_a=1e-4, lr_b=1e-4,
-                             memory="low" if args.low_memory else "default")
+                             memory=args.memory)
     start, cpu_start = time.perf_counter(), time.process_time()
-    train_concept(host, None, pixels, "<bench>", "dog", settings, progress)
+    with PeakMemory(host.device) as memory:
+        train_concept(host, None, pixels, "<bench>", "dog", settings, progress)
     times = [b - a for a, b in zip([start] + stamps, stamps)][1:]  # drop the warm-up step
     cpu_times = [b - a for a, b in zip([cpu_start] + cpu_stamps, cpu_stamps)][1:]
-    peak = (torch.cuda.max_memory_allocated() / 2**20) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"method": args.method, "step_seconds": times, "mean_step_seconds": sum(times) / len(times),
+    return {"method": args.method, "memory": args.memory, "step_seconds": times, "mean_step_seconds": sum(times) / len(times),
             "cpu_step_seconds": cpu_times, "mean_cpu_step_seconds": sum(cpu_times) / len(cpu_times),
-            "peak_extra_mb": peak - base_mem, "device": str(host.device),
+            "peak_extra_mb": memory.peak, "model_mb": memory.start, "device": str(host.device),
             "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
             "torch": torch.__version__, "dtype": str(host.dtype)}
 
@@ -87,7 +78,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per method (after one warm-up)")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    p.add_argument("--low-memory", action="store_true", help="seqlora: train with memory=low (the kept graph built after A+, bilevel D6)")
+    p.add_argument("--memory", default="default", help="the memory setting: default | low (the kept graph built after "
+                   "A+, bilevel D6) | checkpoint (its UNet blocks recomputed, method/checkpointing.py) | low+checkpoint")
+    p.add_argument("--low-memory", action="store_true", help="same as --memory low")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
     p.add_argument("--child", dest="method", default=None)
     p.add_argument("--workdir", default=str(ROOT / "out" / "bench"))
@@ -96,6 +89,8 @@ def main() -> None:
                    help="CPU: let glibc keep freed blocks (as a GPU caching allocator does) instead of "
                         "returning them to the OS after every pass; separates compute from page faults")
     args = p.parse_args()
+    if args.low_memory:
+        args.memory = "low"
     if args.resolution is None:
         args.resolution = 512 if args.device == "cuda" else 128
     if args.method:
@@ -105,7 +100,7 @@ def main() -> None:
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--child", method, "--base", args.base, "--device", args.device,
                "--resolution", str(args.resolution), "--steps", str(args.steps), "--workdir", args.workdir,
-               "--dtype", args.dtype] + (["--low-memory"] if args.low_memory else [])
+               "--dtype", args.dtype, "--memory", args.memory]
         env = dict(os.environ, **KEEP_FREED) if args.keep_freed_memory else None
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -126,13 +121,15 @@ def main() -> None:
                     "cores": os.cpu_count(), "device": rows[0]["device"], "device_name": rows[0]["device_name"]},
         "settings": {"base": args.base, "resolution": args.resolution, "batch_size": 1, "inner_steps": 2,
                      "targets": "default", "timed_steps": args.steps, "dtype": rows[0]["dtype"], "torch": rows[0]["torch"],
-                     "keep_freed_memory": args.keep_freed_memory, "low_memory": args.low_memory},
+                     "keep_freed_memory": args.keep_freed_memory, "memory": args.memory,
+                     "low_memory": "low" in args.memory},
         "methods": rows, "seqlora_over_alternating_time": ratio_time, "seqlora_over_alternating_memory": ratio_mem,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if args.device == "cuda" else "cpu"
-    path = out / (f"step_cost-{tag}-{args.resolution}px{'-keepmem' if args.keep_freed_memory else ''}"
+    memory = "" if args.memory == "default" else "-" + args.memory.replace("+", "-")
+    path = out / (f"step_cost-{tag}-{args.resolution}px{'-keepmem' if args.keep_freed_memory else ''}{memory}"
                   f"{'-' + args.tag if args.tag else ''}.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")

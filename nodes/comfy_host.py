@@ -4,8 +4,20 @@ Thin by design: layer names come from ``seqlora_core.hosts.naming``, the algorit
 ``seqlora_core.method.trainer``. What is Comfy-specific lives here:
 
 * ComfyUI runs nodes under ``torch.inference_mode``; weights loaded there are inference tensors,
-  which autograd refuses to save. ``trainable_weights`` swaps them for ordinary clones for the
-  duration of a training run and puts the originals back, so the host's model is left as it was.
+  which autograd refuses to save. ``trainable_weights`` swaps them for ordinary tensors that
+  *alias the same storage* (no copy: cloning every weight of UNet and CLIP, as before, held
+  their whole size a second time — ≈ 2 GB in fp16 on a GPU) for the duration of a training run
+  and puts the originals back, so the host's model is left as it was. Training never writes to a
+  weight, so sharing the storage is safe.
+* Loading: ``comfy.model_management.load_models_gpu`` as every Comfy sampler does; in Comfy's
+  normal and high-VRAM states the whole model is loaded (``force_full_load``: the training passes
+  run every layer many times), while ``--lowvram`` / ``--novram`` are respected (Comfy keeps part
+  or all of the weights in CPU memory and casts each layer's weight to the GPU when it runs; the
+  twice-differentiated pass then keeps those per-call copies until its product is taken).
+* Conditioning stays on the compute device: Comfy's CLIP returns its output on
+  ``intermediate_device()`` (the CPU unless ``--gpu-only``); training encodes the prompts on every
+  pass, so ``conditioning_on_device`` points that at the compute device while training runs
+  instead of copying each pass's conditioning to the CPU and back.
 * Comfy picks its attention kernel at import time; the differentiable pass swaps in
   ``attention_basic`` (plain matmul/softmax, with double backward) and torch's math SDPA kernel.
 * Concept tokens are fed through :class:`nodes.concept_tokenizer.ConceptTokenizer`.
@@ -24,25 +36,54 @@ from seqlora_core.hosts.token_injection import mean_piece_embedding
 from .concept_tokenizer import ConceptTokenizer
 
 
+def autograd_alias(t: Tensor) -> Tensor:
+    """An ordinary (non-inference) tensor on ``t``'s storage: no copy, and autograd may save it."""
+    with torch.inference_mode(False):
+        return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+            t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
 @contextlib.contextmanager
 def trainable_weights(*modules: nn.Module):
-    """Replace inference-mode parameters and buffers by ordinary clones; restore them after."""
+    """Replace inference-mode parameters and buffers by ordinary aliases of the same storage
+    (:func:`autograd_alias`); restore the originals after."""
     swapped = []
     try:
-        with torch.inference_mode(False):
-            for root in modules:
-                for module in root.modules():
-                    for table in (module._parameters, module._buffers):
-                        for name, t in list(table.items()):
-                            if t is not None and t.is_inference():
-                                clone = t.clone()
-                                table[name] = nn.Parameter(clone, requires_grad=False) \
-                                    if isinstance(t, nn.Parameter) else clone
-                                swapped.append((table, name, t))
+        for root in modules:
+            for module in root.modules():
+                for table in (module._parameters, module._buffers):
+                    for name, t in list(table.items()):
+                        if t is not None and t.is_inference():
+                            alias = autograd_alias(t)
+                            table[name] = nn.Parameter(alias, requires_grad=False) \
+                                if isinstance(t, nn.Parameter) else alias
+                            swapped.append((table, name, t))
         yield
     finally:
         for table, name, original in reversed(swapped):
             table[name] = original
+
+
+@contextlib.contextmanager
+def conditioning_on_device(device: torch.device):
+    """Comfy's text encoders move their output to ``intermediate_device()``; while training, that
+    is the compute device, so each pass's conditioning does not round-trip through the CPU."""
+    import comfy.model_management as mm
+
+    saved = mm.intermediate_device
+    mm.intermediate_device = lambda: device
+    try:
+        yield
+    finally:
+        mm.intermediate_device = saved
+
+
+def full_load_allowed() -> bool:
+    """False under ``--lowvram`` / ``--novram`` (Comfy's LOW_VRAM / NO_VRAM states): let Comfy
+    stream the weights instead of forcing all of them onto the GPU."""
+    import comfy.model_management as mm
+
+    return mm.vram_state not in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM)
 
 
 @contextlib.contextmanager
@@ -111,7 +152,7 @@ class ComfyHost:
         import comfy.model_management as mm
 
         self.model, self.clip, self.vae = model, clip, vae
-        mm.load_models_gpu([model, clip.patcher], force_full_load=True)
+        mm.load_models_gpu([model, clip.patcher], force_full_load=full_load_allowed())
         self.unet = model.model.diffusion_model
         self.text = clip.cond_stage_model
         self.device = model.load_device
@@ -153,6 +194,11 @@ class ComfyHost:
         return self.unet(noisy.to(self.device, self.dtype), timesteps=timesteps.to(self.device).float(),
                          context=cond.to(self.device, self.dtype))
 
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """The UNet blocks memory=checkpoint recomputes (ldm's BasicTransformerBlock, ResBlock)."""
+        from seqlora_core.method.checkpointing import checkpoint_blocks
+        return checkpoint_blocks(self.unet)
+
     def differentiable_attention(self) -> contextlib.AbstractContextManager:
         return comfy_math_attention()
 
@@ -162,6 +208,7 @@ class ComfyHost:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(trainable_weights(self.unet, self.text))
+        stack.enter_context(conditioning_on_device(self.device))
         stack.enter_context(autograd_safe_layer_norms(self.text))
         stack.enter_context(interruptible(self.unet, self.text))
         return stack

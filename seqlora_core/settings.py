@@ -18,6 +18,10 @@ from .errors import InputError
 METHODS = ("seqlora", "alternating", "frozen-basis", "lora")
 # Methods whose bases B stay orthogonal to earlier concepts' (``lora`` is the unconstrained baseline).
 CONSTRAINED_METHODS = ("seqlora", "alternating", "frozen-basis")
+# The memory setting: "default" or a "+"-joined set of levers (method/trainer.py, memory_levers)
+MEMORY_LEVERS = ("low", "checkpoint", "slice")
+MEMORY_MODES = ("default", "low", "checkpoint", "slice", "low+checkpoint", "low+slice", "checkpoint+slice",
+                "low+checkpoint+slice")
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,10 @@ TRAINING_SETTINGS: tuple[Setting, ...] = (
     Setting("memory", str, "default", "Memory",
             "low: build the twice-differentiated graph only after A⁺ is known, so it is never held while "
             "other passes run (lower peak, one extra forward and backward per iteration; seqlora with the "
-            "paper hypergradient)", choices=("default", "low"), advanced=True),
+            "paper hypergradient); checkpoint: recompute the UNet blocks' activations of that pass in its "
+            "backward instead of keeping them (same gradients, more compute); slice: that pass computes "
+            "attention 1024 queries at a time (lower transient peak at 512 px); levers combine with +",
+            choices=MEMORY_MODES, advanced=True),
     Setting("eps", float, 1e-8, "Projector ε", "regularisation of the null-space projector (used by new banks only)",
             symbol="ε", min=0.0, max=1e-2, step=1e-9, advanced=True),
     Setting("stats_q", int, 8, "Activation eigenpairs",

@@ -101,3 +101,7 @@ class DiffusersHost:
 
     def differentiable_attention(self) -> contextlib.AbstractContextManager:
         return math_attention()
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        from ..method.checkpointing import checkpoint_blocks
+        return checkpoint_blocks(self.unet)

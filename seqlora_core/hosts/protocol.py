@@ -44,6 +44,9 @@ class Host(Protocol):
     def differentiable_attention(self) -> contextlib.AbstractContextManager:
         """Context in which attention runs on a kernel that supports double backward."""
 
+    # Optional: ``checkpoint_blocks() -> list[nn.Module]``, the UNet's transformer and resnet blocks
+    # (``method.checkpointing.checkpoint_blocks(unet)``), needed by memory=checkpoint.
+
 
 @contextlib.contextmanager
 def frozen_parameters(*modules: nn.Module):

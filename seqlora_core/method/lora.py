@@ -36,7 +36,8 @@ def lora_delta(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     otherwise lose the factors' precision (bf16 keeps 8 bits), and the gradients to A and B
     (fp32 leaves) are formed from fp32 products. The residual is added back in the model's dtype.
     """
-    return ((x.float() @ b.float()) @ a.float().T).to(x.dtype)
+    wide = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for a fp64 model (exactness tests)
+    return ((x.to(wide) @ b.to(wide)) @ a.to(wide).T).to(x.dtype)
 
 
 class LoRAHooks:

@@ -24,12 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..bank.format import Bank, Concept
-from ..settings import CONSTRAINED_METHODS, TrainSettings, train_settings
+from ..settings import CONSTRAINED_METHODS, MEMORY_LEVERS, TrainSettings, train_settings
 from .bilevel import BilevelConfig, BilevelSolver
 from ..errors import CapacityError, InputError, SeqLoRAError
 from ..bank.fingerprint import base_fingerprint
 from ..hosts.protocol import Host
 from .activation_stats import ActivationStats
+from .attention_slicing import SlicedAttention
+from .checkpointing import BlockCheckpointing
 from .lora import LoRAHooks
 from .projector import BatchedProjection
 from .precision import HALF, Fp32Normalisation, LossScale
@@ -43,10 +45,19 @@ class Interrupted(SeqLoRAError):
     """Training was stopped by the user; nothing was written."""
 
 
+def memory_levers(memory: str) -> frozenset[str]:
+    """The levers a memory setting names: "default" → none, "low+checkpoint" → {low, checkpoint}."""
+    levers = frozenset() if memory == "default" else frozenset(memory.split("+"))
+    unknown = levers - set(MEMORY_LEVERS)
+    if unknown:
+        raise InputError(f"Memory must be default or a +-joined set of {', '.join(MEMORY_LEVERS)}, not {memory!r}.")
+    return levers
+
+
 def bilevel_config(settings: TrainSettings) -> BilevelConfig:
     return BilevelConfig(method=settings.method, inner_steps=settings.inner_steps, lr_a=settings.lr_a,
                          lr_b=settings.lr_b, lr_embedding=settings.lr_embedding, optimizer=settings.optimizer,
-                         hypergradient=settings.hypergradient, low_memory=settings.memory == "low")
+                         hypergradient=settings.hypergradient, low_memory="low" in memory_levers(settings.memory))
 
 
 # A run stops when this many minibatches in a row had no finite commit (bilevel.py, D5).
@@ -91,16 +102,39 @@ def denoising_loss(host: Host, noisy: Tensor, noise: Tensor, t: Tensor, prompts:
     return F.mse_loss(pred.float(), noise.float())
 
 
-def twice_differentiable(host: Host) -> Callable[[], contextlib.AbstractContextManager]:
+def twice_differentiable(host: Host, checkpointing: BlockCheckpointing | None = None, slice_queries: int = 0
+                         ) -> Callable[[], contextlib.AbstractContextManager]:
     """The context of the one pass differentiated twice: the host's attention kernel with double
-    backward, and fp32 normalisation when the model is half precision (precision.py)."""
+    backward, fp32 normalisation when the model is half precision (precision.py), attention in
+    slices of ``slice_queries`` queries when > 0 (attention_slicing.py), and, with
+    ``checkpointing``, the UNet's blocks checkpointed (checkpointing.py; their recomputations
+    re-enter this context without the checkpointing)."""
     def enter() -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()
         stack.enter_context(host.differentiable_attention())
         if getattr(host, "dtype", torch.float32) in HALF:
             stack.enter_context(Fp32Normalisation())
+        if slice_queries > 0:
+            stack.enter_context(SlicedAttention(slice_queries))
+        if checkpointing is not None:
+            stack.enter_context(checkpointing.active())
         return stack
     return enter
+
+
+def differentiable_context(host: Host, memory: str) -> tuple[Callable[[], contextlib.AbstractContextManager],
+                                                             BlockCheckpointing | None]:
+    """The twice-differentiated pass's context for a memory setting, and the block checkpointing
+    it uses (None unless asked for; the caller enters it around training and gives it the hooks)."""
+    levers = memory_levers(memory)
+    slice_queries = SlicedAttention.default_chunk if "slice" in levers else 0  # read at call time (tests shrink it)
+    checkpointing = None
+    if "checkpoint" in levers:
+        blocks = getattr(host, "checkpoint_blocks", None)
+        if blocks is None or not blocks():
+            raise InputError(f"memory={memory} needs the host's UNet blocks; this host does not expose them.")
+        checkpointing = BlockCheckpointing(blocks(), twice_differentiable(host, None, slice_queries))
+    return twice_differentiable(host, checkpointing, slice_queries), checkpointing
 
 
 def failure_message(host: Host, step: int, loss: float, scale: float) -> str:
@@ -153,8 +187,8 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
     emb0 = host.init_embedding(init_word or "object").to(dev)
 
     project = BatchedProjection([projectors[n] for n in names]) if constrained else (lambda grads: list(grads))
-    solver = BilevelSolver(a0, b0, [emb0], project, cfg, twice_differentiable(host),
-                           LossScale(getattr(host, "dtype", torch.float32)))
+    context, checkpointing = differentiable_context(host, settings.memory)
+    solver = BilevelSolver(a0, b0, [emb0], project, cfg, context, LossScale(getattr(host, "dtype", torch.float32)))
 
     latents = encode_dataset(host, pixels)
     alphas = host.alphas_cumprod()
@@ -164,7 +198,9 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
     # hosts whose weights require grad (A1111) freeze them for the run: see hosts.protocol.frozen_parameters
     frozen = getattr(host, "frozen_weights", contextlib.nullcontext)
     stats = ActivationStats(targets if settings.stats_q > 0 else {})
-    with frozen(), LoRAHooks(hook_layers) as hooks, stats:
+    with frozen(), LoRAHooks(hook_layers) as hooks, stats, checkpointing or contextlib.nullcontext():
+        if checkpointing is not None:
+            checkpointing.hooks = hooks  # recomputations re-bind the factors their forward saw
         if bank.concepts:
             hooks.set_composed(bank.composed_factors())
         for step in range(settings.steps):

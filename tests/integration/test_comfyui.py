@@ -169,3 +169,52 @@ def test_cancel_during_training_leaves_the_model_as_it_was(comfy_importable, che
         params = dict(module.named_parameters())
         assert all(torch.equal(params[n], v) for n, v in sample.items())
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def test_training_weights_alias_comfys_instead_of_cloning_them(comfy_importable, checkpoint, pixels):
+    """ComfyHost.training() gives autograd ordinary tensors on the very storage of Comfy's
+    inference-mode weights: resident memory does not grow by the model's size (cloning them, as
+    before, did), the model trains, and the originals come back untouched. Resident memory
+    follows the live tensors best with MALLOC_MMAP_THRESHOLD_=65536 in the environment."""
+    import comfy.sd
+
+    from seqlora_core.method.trainer import TrainSettings, train_concept
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _memory import rss_mb
+
+    host_module = pack_module("nodes.comfy_host")
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True, output_clip=True)[:3]
+    host = host_module.ComfyHost(model, clip, vae)
+
+    def tensors():
+        return [t for m in (host.unet, host.text) for t in (*m.parameters(), *m.buffers())]
+
+    weights = tensors()
+    swapped = [i for i, t in enumerate(weights) if t.is_inference()]
+    weights_mb = sum(weights[i].numel() * weights[i].element_size() for i in swapped) / 2**20
+    assert weights_mb > 1000  # SD-1.5's UNet and CLIP
+    with torch.inference_mode(False):  # what the clones this replaces cost
+        start = rss_mb()
+        clones = [weights[i].clone() for i in swapped]
+        cloned = rss_mb() - start
+        del clones
+    before = rss_mb()
+    with host.training():
+        inside = tensors()
+        grown = rss_mb() - before
+        assert not any(inside[i].is_inference() for i in swapped)
+        assert all(inside[i].data_ptr() == weights[i].data_ptr() for i in swapped)  # same storage, no copy
+        result = train_concept(host, None, next(iter(pixels.values())), "<alias>", "cat",
+                               TrainSettings(steps=1, bilevel_iters=1, resolution=64, stats_q=0))
+        # memory=checkpoint on ldm's blocks (BasicTransformerBlock, ResBlock): the same concept
+        checked = train_concept(host, None, next(iter(pixels.values())), "<alias>", "cat",
+                                TrainSettings(steps=1, bilevel_iters=1, resolution=64, stats_q=0, memory="checkpoint"))
+    assert result.losses and all(torch.isfinite(torch.tensor(result.losses)))
+    a, a_checked = (torch.cat([t.flatten() for t in r.concept.A.values()]) for r in (result, checked))
+    assert float((a_checked - a).norm() / a.norm()) < 1e-3
+    assert all(a is b for a, b in zip(tensors(), weights))  # the originals are back
+    print(f"\nweights swapped {weights_mb:.0f} MiB; resident growth entering training(): {grown:.0f} MiB "
+          f"(aliases); cloning them instead: +{cloned:.0f} MiB")
+    assert grown < 0.05 * weights_mb and cloned > 0.8 * weights_mb
