@@ -1,4 +1,5 @@
-// SeqLoRA front-end: a panel on the bank nodes (concepts, capacity bars, orthogonality) and a live
+// SeqLoRA front-end: a panel on the bank nodes (concepts, capacity bars, orthogonality; on Basis Bank
+// Info the interference heat map; on Train Concept the forecast) and a live
 // loss curve on "Train Concept (SeqLoRA)". The server sends what is drawn: the bank nodes' UI output
 // carries `seqlora_bank` (nodes/operations.py: panel_data); training broadcasts `seqlora.progress` and,
 // when done, `seqlora.bank`.
