@@ -117,6 +117,14 @@ def markdown(result: dict, json_name: str) -> str:
     command = (f"python bench/forgetting.py --base {s['base']} --device {m['device'].split(':')[0]} "
                f"--concepts {len(s['concepts'])} --steps {s['steps']} --bilevel-iters {s['bilevel_iters']} --seeds {seeds}"
                + (f" --threads {s['threads']}" if s.get("threads") == 1 else ""))
+    merged = result.get("merged_from")
+    how = ""
+    if merged:  # one run per seed, merged (bench/forgetting.py --merge)
+        how = (f"; run here as {len(merged)} runs ("
+               + "; ".join(f"seeds {','.join(map(str, m['seeds']))}: {m['seconds_total'] / 60:.0f} min at load "
+                           f"{m['load_average_at_end'][1]:.1f}" for m in merged)
+               + "), each with `--seeds S --out DIR_S --results-md ''`, then merged with `python bench/forgetting.py "
+                 f"--merge DIR_*/{json_name}` (the same table: seeds only change the training)")
     lines = [BEGIN, "## Forgetting, crosstalk and composition (`bench/forgetting.py`)", "",
              f"**{result['note']}**", "",
              f"{m['device_name']} ({m['cores']} cores, {s.get('threads', '?')} torch thread(s), torch {m['torch']}, fp32, {result['date'][:10]}, load average "
@@ -148,7 +156,7 @@ def markdown(result: dict, json_name: str) -> str:
               "all the others together on a concept's prompt, same scale. 0 = no bleeding. Interference: mean "
               "off-diagonal entry of `bank interference` on the final bank (energy of one concept's residual on "
               "another's layer inputs relative to the latter's own, from the stored activation statistics).", "",
-              f"Reproduce: `{command}` (JSON: `bench/results/{json_name}`, plot beside it).", "",
+              f"Reproduce: `{command}`{how} (JSON: `bench/results/{json_name}`, plot beside it).", "",
               f"![forgetting curves and matrices](results/{Path(json_name).with_suffix('.png').name})", END]
     return "\n".join(lines)
 
