@@ -198,10 +198,9 @@ app.registerExtension({
       const result = onNodeCreated?.apply(this, arguments);
       this.seqloraPanel = makePanel(isTrain);
       this.seqloraLosses = [];
-      const isInfo = nodeData.name === "SeqLoRABasisBankInfo"; // room for the interference heat map
       this.addDOMWidget("seqlora_panel", "seqlora", this.seqloraPanel, {
         serialize: false,
-        getMinHeight: () => (isTrain ? 170 : isInfo ? 260 : 110),
+        getMinHeight: () => (isTrain ? 170 : 110), // the panel scrolls (Info's heat map, Train's forecast)
       });
       return result;
     };

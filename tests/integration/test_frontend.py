@@ -211,6 +211,7 @@ def test_info_panel_draws_the_interference_heat_map(comfy_server, comfy_path, st
                 const info = window.LiteGraph.createNode("SeqLoRABasisBankInfo");
                 info.pos = [420, 60];
                 g.add(info);
+                info.setSize([380, 620]); // room for the whole panel (it scrolls in a smaller node)
                 load.widgets.find(w => w.name === "bank_name").value = name;
                 load.connect(0, info, 0);
                 await window.app.queuePrompt(0, 1);
