@@ -259,7 +259,8 @@ class TabActions:
                 with getattr(host, "training", contextlib.nullcontext)():  # A1111: its merged LoRAs out
                     fc = forecast_training(host, bank, pixels, token, init_word, settings)
             shown = token if token.startswith("<") else f"<{token}>"
-            return f"<pre class='seqlora-forecast'>{html.escape(forecast_text(fc, shown, bank))}</pre>"
+            return (f"<pre class='seqlora-forecast' style='white-space:pre-wrap'>"
+                    f"{html.escape(forecast_text(fc, shown, bank))}</pre>")
         except SeqLoRAError as exc:
             return _error(exc)
 
