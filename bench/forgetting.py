@@ -197,6 +197,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON and PNG")
     p.add_argument("--results-md", default=str(ROOT / "bench" / "RESULTS.md"),
                    help="markdown file whose forgetting section is replaced ('' to skip)")
+    p.add_argument("--section", default="forgetting",
+                   help="which table of --results-md to replace (its <!-- SECTION:begin/end --> markers): "
+                        "keep one per base, e.g. --section forgetting-sd15-random")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="instead of training: merge result files of other seeds (same settings) into one")
     args = p.parse_args(argv)
@@ -253,7 +256,7 @@ def write_result(result: dict, args) -> None:
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     write_plot(result, out / f"{stem}.png")
     if args.results_md:
-        update_results_md(result, Path(args.results_md), f"{stem}.json")
+        update_results_md(result, Path(args.results_md), f"{stem}.json", args.section)
     print_summary(result["summary"])
     print(f"wrote {out / (stem + '.json')}, {out / (stem + '.png')}"
           + (f" and the table in {args.results_md}" if args.results_md else "") + f"; {result['seconds_total']:.0f} s")

@@ -54,9 +54,9 @@ def test_forgetting_benchmark_two_concepts_two_steps(tmp_path):
     second.write_text(json.dumps(other))
     first = tmp_path / "forgetting-tiny-cpu.json"
 
-    def merge(*files, out="merged"):
+    def merge(*files, out="merged", extra=()):
         return subprocess.run([sys.executable, str(ROOT / "bench" / "forgetting.py"), "--merge", *map(str, files),
-                               "--out", str(tmp_path / out), "--results-md", str(results_md)],
+                               "--out", str(tmp_path / out), "--results-md", str(results_md), *extra],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
     proc = merge(first, second)
@@ -67,6 +67,11 @@ def test_forgetting_benchmark_two_concepts_two_steps(tmp_path):
     own = data["summary"]["default"]["seqlora"]["mean_forgetting"]["mean"]
     assert cell["n"] == 2 and abs(cell["mean"] - (own + 0.5)) < 1e-9 and abs(cell["std"] - 2 ** -0.5) < 1e-9
     assert "--seeds 0,7" in results_md.read_text() and "--merge" in results_md.read_text()
+    # a second table (another base, say) in its own section, the first one kept
+    assert merge(first, second, out="other", extra=("--section", "forgetting-other")).returncode == 0
+    text = results_md.read_text()
+    assert text.count("<!-- forgetting:begin -->") == 1 and text.count("<!-- forgetting-other:begin -->") == 1
+    assert text.count("| unet-cross |") == 10 and "kept text" in text
     again = merge(first, first, out="twice")
     assert again.returncode != 0 and "seed 0 is in both" in again.stderr
     other["settings"]["steps"] = 3
