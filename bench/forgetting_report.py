@@ -121,6 +121,13 @@ def markdown(result: dict, json_name: str, section: str = "forgetting") -> str:
     command = (f"python bench/forgetting.py --base {s['base']} --device {m['device'].split(':')[0]} "
                f"--concepts {len(s['concepts'])} --steps {s['steps']} --bilevel-iters {s['bilevel_iters']} --seeds {seeds}"
                + (f" --threads {s['threads']}" if s.get("threads") == 1 else ""))
+    # the choices that differ from the script's defaults (methods, presets, resolution)
+    if s["methods"] != list(COLOURS):
+        command += f" --methods {','.join(s['methods'])}"
+    if s["presets"] != ["default", "unet-cross"]:
+        command += f" --presets {','.join(s['presets'])}"
+    if s["resolution"] != (64 if s["base"] == "tiny" else 512):
+        command += f" --resolution {s['resolution']}"
     merged = result.get("merged_from")
     how = ""
     if merged:  # one run per seed, merged (bench/forgetting.py --merge)
