@@ -99,3 +99,25 @@ def test_forecast_refuses_a_bank_for_another_base(host, stream_bank, pixels):
     token = list(pixels)[3]
     with pytest.raises(BankError, match="another base"):
         forecast_training(host, other, pixels[token], token, "thing", quick_settings())
+
+
+def test_forecast_in_half_precision_matches_fp32(pixels):
+    """The forecast pass on a fp16 / bf16 model (a ComfyUI or A1111 base in half precision)."""
+    import torch
+
+    from seqlora_core.hosts.diffusers_host import DiffusersHost
+    from seqlora_core.method.trainer import train_concept
+
+    first, second = list(pixels)[:2]
+    bounds = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        torch.manual_seed(0)
+        host = DiffusersHost.load("tiny", "cpu", dtype)
+        bank = train_concept(host, None, pixels[first], first, "thing", quick_settings()).bank
+        fc = forecast_training(host, bank, pixels[second], second, "thing", quick_settings())
+        (b,), (e,), (f,) = fc.bound, fc.expected, fc.free
+        assert 0 <= e <= b + 1e-6 and 0 < b <= f + 1e-6 and f <= 1 + 1e-6, dtype
+        assert 0 < fc.new_free_fraction <= 1 + 1e-6
+        bounds[dtype] = b
+    assert abs(bounds[torch.bfloat16] - bounds[torch.float32]) < 0.05
+    assert abs(bounds[torch.float16] - bounds[torch.float32]) < 0.05
