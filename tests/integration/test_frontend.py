@@ -19,6 +19,8 @@ def test_panel_renders_and_follows_training(comfy_server, comfy_path, photo):
     if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     ui = json.loads((ROOT / "workflows" / "train_compose.json").read_text())
+    for stale in (comfy_path / "models" / "seqlora").glob("pytest_frontend*.safetensors"):
+        stale.unlink()  # left by an interrupted run: Save would (rightly) refuse to replace it
     with frontend_page(comfy_server) as page:
         names = page.evaluate("() => window.app.extensions.map(e => e.name)")
         assert "SeqLoRA.BankPanel" in names
