@@ -20,6 +20,11 @@ markdown table into ``bench/RESULTS.md`` (between its forgetting markers).
 
     python bench/forgetting.py                                 # tiny, 4 concepts, CPU
     python bench/forgetting.py --base v1-5-pruned-emaonly.safetensors --device cuda --concepts 8 --seeds 0,1,2
+    python bench/forgetting.py --merge a.json b.json   # runs of other seeds, same settings: one table
+
+Seeds only change the training (``TrainSettings.seed``); the base, images, evaluation noise and
+timesteps are the same in every run, so one run per seed (on several machines, or between other jobs
+on a shared one) merged with ``--merge`` gives the same table as one run with all the seeds.
 
 On ``tiny`` and ``sd15-random`` the weights are random: the figures show the machinery (how much
 each method lets concepts disturb one another), not image quality.
@@ -153,7 +158,14 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON and PNG")
     p.add_argument("--results-md", default=str(ROOT / "bench" / "RESULTS.md"),
                    help="markdown file whose forgetting section is replaced ('' to skip)")
+    p.add_argument("--section", default="forgetting",
+                   help="which table of --results-md to replace (its <!-- SECTION:begin/end --> markers): "
+                        "keep one per base, e.g. --section forgetting-sd15-random")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="instead of training: merge result files of other seeds (same settings) into one")
     args = p.parse_args(argv)
+    if args.merge:
+        return args
     tiny = args.base == "tiny"
     args.steps = args.steps or (30 if tiny else 200)
     args.resolution = args.resolution or (64 if tiny else 512)
@@ -169,8 +181,54 @@ def parse_args(argv=None):
     return args
 
 
+def merge_results(paths: list[str]) -> dict:
+    """One result from runs of the same settings with different seeds (spread over all of them)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]["settings"]
+    seen: dict[int, str] = {}
+    for path, part in zip(paths, parts):
+        differ = [k for k in first if k != "seeds" and part["settings"].get(k) != first[k]]
+        if differ:
+            raise SystemExit(f"{path}: settings differ from {paths[0]} in {', '.join(differ)}; only runs of the "
+                             "same settings can be merged")
+        for seed in part["settings"]["seeds"]:
+            if seed in seen:
+                raise SystemExit(f"seed {seed} is in both {seen[seed]} and {path}")
+            seen[seed] = path
+    runs = [r for part in parts for r in part["runs"]]
+    loads = [part["machine"]["load_average_at_end"] for part in parts]
+    return {**parts[0], "date": max(part["date"] for part in parts),
+            "machine": {**parts[0]["machine"], "load_average_at_end": max(loads, key=lambda l: l[1])},
+            "settings": {**first, "seeds": sorted(seen)},
+            "seconds_total": sum(part["seconds_total"] for part in parts), "summary": summarise(runs),
+            "runs": runs, "failed": [f for part in parts for f in part["failed"]],
+            "merged_from": [{"seeds": part["settings"]["seeds"], "date": part["date"],
+                             "load_average_at_end": part["machine"]["load_average_at_end"],
+                             "seconds_total": part["seconds_total"]} for part in parts]}
+
+
+def write_result(result: dict, args) -> None:
+    """The JSON and PNG into ``--out`` and the table into ``--results-md``."""
+    s = result["settings"]
+    random_base = s["base"] in RANDOM_BASES
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"forgetting-{Path(s['base']).stem if not random_base else s['base']}-{result['machine']['device'].split(':')[0]}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_plot(result, out / f"{stem}.png")
+    if args.results_md:
+        update_results_md(result, Path(args.results_md), f"{stem}.json", args.section)
+    print_summary(result["summary"])
+    print(f"wrote {out / (stem + '.json')}, {out / (stem + '.png')}"
+          + (f" and the table in {args.results_md}" if args.results_md else "") + f"; {result['seconds_total']:.0f} s")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        result = merge_results(args.merge)
+        write_result(result, args)
+        return result
     start = time.time()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -211,16 +269,7 @@ def main(argv=None) -> dict:
         "note": HONESTY if random_base else "Real base weights.",
         "seconds_total": time.time() - start, "summary": summary, "runs": runs, "failed": failed,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"forgetting-{Path(args.base).stem if not random_base else args.base}-{host.device.type}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    write_plot(result, out / f"{stem}.png")
-    if args.results_md:
-        update_results_md(result, Path(args.results_md), f"{stem}.json")
-    print_summary(summary)
-    print(f"wrote {out / (stem + '.json')}, {out / (stem + '.png')}"
-          + (f" and the table in {args.results_md}" if args.results_md else "") + f"; {result['seconds_total']:.0f} s")
+    write_result(result, args)
     return result
 
 

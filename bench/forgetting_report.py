@@ -17,7 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from seqlora_core.app.plot import heatmap_image  # noqa: E402
 
-BEGIN, END = "<!-- forgetting:begin -->", "<!-- forgetting:end -->"
+
+
+def markers(section: str = "forgetting") -> tuple[str, str]:
+    """The comments around a table in RESULTS.md; one pair per ``--section`` (e.g. one per base)."""
+    return f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
 COLOURS = {"seqlora": (200, 30, 30), "alternating": (230, 140, 20), "frozen-basis": (30, 130, 60),
            "lora": (40, 80, 200), "independent": (120, 60, 160)}
 
@@ -110,14 +114,34 @@ def _cell(stat: dict, fmt: str) -> str:
     return text + (f" ± {format(stat['std'], fmt.lstrip('+'))}" if stat["n"] > 1 else "")
 
 
-def markdown(result: dict, json_name: str) -> str:
+def markdown(result: dict, json_name: str, section: str = "forgetting") -> str:
     s = result["settings"]
     m = result["machine"]
     seeds = ",".join(str(x) for x in s["seeds"])
     command = (f"python bench/forgetting.py --base {s['base']} --device {m['device'].split(':')[0]} "
                f"--concepts {len(s['concepts'])} --steps {s['steps']} --bilevel-iters {s['bilevel_iters']} --seeds {seeds}"
                + (f" --threads {s['threads']}" if s.get("threads") == 1 else ""))
-    lines = [BEGIN, "## Forgetting, crosstalk and composition (`bench/forgetting.py`)", "",
+    # the choices that differ from the script's defaults (methods, presets, resolution)
+    if s["methods"] != list(COLOURS):
+        command += f" --methods {','.join(s['methods'])}"
+    if s["presets"] != ["default", "unet-cross"]:
+        command += f" --presets {','.join(s['presets'])}"
+    if s["resolution"] != (64 if s["base"] == "tiny" else 512):
+        command += f" --resolution {s['resolution']}"
+    merged = result.get("merged_from")
+    how = ""
+    if merged:  # one run per seed, merged (bench/forgetting.py --merge)
+        how = (f"; run here as {len(merged)} runs ("
+               + "; ".join(f"seeds {','.join(map(str, m['seeds']))}: {m['seconds_total'] / 60:.0f} min at load "
+                           f"{m['load_average_at_end'][1]:.1f}" for m in merged)
+               + "), each with `--seeds S --out DIR_S --results-md ''`, then merged with `python bench/forgetting.py "
+                 f"--merge DIR_*/{json_name}` (the same table: seeds only change the training)")
+    begin, end = markers(section)
+    title = "## Forgetting, crosstalk and composition (`bench/forgetting.py`)"
+    if section != "forgetting":
+        title = f"### Forgetting, crosstalk and composition on `{s['base']}` (`bench/forgetting.py --section {section}`)"
+        command += f" --section {section}"
+    lines = [begin, title, "",
              f"**{result['note']}**", "",
              f"{m['device_name']} ({m['cores']} cores, {s.get('threads', '?')} torch thread(s), torch {m['torch']}, fp32, {result['date'][:10]}, load average "
              f"{m['load_average_at_end'][1]:.1f} over the last 5 min at the end); base `{s['base']}`, "
@@ -148,19 +172,20 @@ def markdown(result: dict, json_name: str) -> str:
               "all the others together on a concept's prompt, same scale. 0 = no bleeding. Interference: mean "
               "off-diagonal entry of `bank interference` on the final bank (energy of one concept's residual on "
               "another's layer inputs relative to the latter's own, from the stored activation statistics).", "",
-              f"Reproduce: `{command}` (JSON: `bench/results/{json_name}`, plot beside it).", "",
-              f"![forgetting curves and matrices](results/{Path(json_name).with_suffix('.png').name})", END]
+              f"Reproduce: `{command}`{how} (JSON: `bench/results/{json_name}`, plot beside it).", "",
+              f"![forgetting curves and matrices](results/{Path(json_name).with_suffix('.png').name})", end]
     return "\n".join(lines)
 
 
-def update_results_md(result: dict, path: Path, json_name: str) -> None:
-    """Replace the section between the forgetting markers (append it when there is none)."""
+def update_results_md(result: dict, path: Path, json_name: str, section: str = "forgetting") -> None:
+    """Replace the table between the section's markers (append it when there is none)."""
     text = path.read_text() if path.exists() else ""
-    section = markdown(result, json_name)
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    begin, end = markers(section)
+    table = markdown(result, json_name, section)
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + table + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
+        text = text.rstrip("\n") + ("\n\n" if text else "") + table + "\n"
     path.write_text(text)
 
 

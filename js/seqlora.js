@@ -1,4 +1,5 @@
-// SeqLoRA front-end: a panel on the bank nodes (concepts, capacity bars, orthogonality) and a live
+// SeqLoRA front-end: a panel on the bank nodes (concepts, capacity bars, orthogonality; on Basis Bank
+// Info the interference heat map; on Train Concept the forecast) and a live
 // loss curve on "Train Concept (SeqLoRA)". The server sends what is drawn: the bank nodes' UI output
 // carries `seqlora_bank` (nodes/operations.py: panel_data); training broadcasts `seqlora.progress` and,
 // when done, `seqlora.bank`.
@@ -70,6 +71,80 @@ function renderBank(panel, data) {
     row.className = "seqlora-lease";
     box.append(row);
   }
+  if (data.interference) renderInterference(box, data.interference);
+  if (data.report) renderReport(panel, data.report);
+}
+
+// ---- interference (issue 12): the bank's matrix as a small heat map on Basis Bank Info
+// (nodes/operations.py: interference_info) and the forecast text of Train Concept
+// (`seqlora.forecast` before training, `report` in `seqlora.bank` after).
+function heatColor(v, max) {
+  if (v == null) return "#333";
+  const t = Math.sqrt(Math.max(0, v) / (max || 1)); // sqrt: small entries stay visible next to the worst
+  const g = Math.round(255 * (1 - t));
+  return `rgb(255,${g},${g})`;
+}
+
+function renderInterference(box, d) {
+  const n = d.tokens.length;
+  const values = d.matrix.flat().filter((v) => v != null);
+  const max = values.length ? Math.max(...values) : 0;
+  box.append(el("div", { marginTop: "6px", fontWeight: "bold" },
+    "interference (row: affected, column: added)"));
+  if (!values.length) {
+    box.append(el("div", { opacity: 0.7 }, n < 2 ? "one concept: nothing to compare yet"
+      : "no activation statistics stored: nothing to draw"));
+    return;
+  }
+  const label = 56, cell = Math.max(6, Math.min(24, Math.floor(160 / Math.max(1, n))));
+  const canvas = el("canvas", { display: "block" });
+  canvas.className = "seqlora-interference";
+  canvas.width = label + n * cell;
+  canvas.height = label / 2 + n * cell;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#1e1e1e";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  ctx.font = "9px sans-serif";
+  ctx.fillStyle = "#ccc";
+  d.tokens.forEach((t, i) => {
+    ctx.fillText(t.slice(0, 9), 2, label / 2 + i * cell + cell / 2 + 3); // row labels
+    ctx.save();
+    ctx.translate(label + i * cell + cell / 2 + 3, label / 2 - 2);
+    ctx.rotate(-Math.PI / 4);
+    ctx.fillText(t.slice(0, 6), 0, 0); // column labels
+    ctx.restore();
+  });
+  d.matrix.forEach((row, i) => row.forEach((v, j) => {
+    ctx.fillStyle = i === j ? "#555" : heatColor(v, max);
+    ctx.fillRect(label + j * cell, label / 2 + i * cell, cell - 1, cell - 1);
+  }));
+  // the value under the pointer, as the canvas's tooltip
+  canvas.addEventListener("mousemove", (ev) => {
+    const r = canvas.getBoundingClientRect();
+    const x = ((ev.clientX - r.left) / r.width) * canvas.width, y = ((ev.clientY - r.top) / r.height) * canvas.height;
+    const i = Math.floor((y - label / 2) / cell), j = Math.floor((x - label) / cell);
+    const v = d.matrix[i]?.[j];
+    canvas.title = v == null ? "" : `${d.tokens[j]} on ${d.tokens[i]}: ${Number(v).toPrecision(3)} × its own residual energy`;
+  });
+  box.append(canvas);
+  for (const w of d.worst_layers || []) {
+    const row = el("div", { opacity: 0.85 },
+      `${w.layer}: ${Number(w.share).toPrecision(3)} (${w.added} on ${w.affected})`);
+    row.className = "seqlora-worst-layer";
+    box.append(row);
+  }
+  if (d.missing_stats?.length) box.append(el("div", { opacity: 0.7 }, `no statistics: ${d.missing_stats.join(", ")}`));
+  if (d.note) box.append(el("div", { opacity: 0.7, fontStyle: "italic" }, d.note));
+}
+
+function renderReport(panel, text) {
+  let pre = panel.querySelector(".seqlora-report");
+  if (!pre) {
+    pre = el("pre", { whiteSpace: "pre-wrap", margin: "4px 0 0", fontSize: "10px", opacity: 0.9 });
+    pre.className = "seqlora-report";
+    panel.append(pre);
+  }
+  pre.textContent = text;
 }
 
 function renderLoss(panel, losses, step, total) {
@@ -125,7 +200,7 @@ app.registerExtension({
       this.seqloraLosses = [];
       this.addDOMWidget("seqlora_panel", "seqlora", this.seqloraPanel, {
         serialize: false,
-        getMinHeight: () => (isTrain ? 170 : 110),
+        getMinHeight: () => (isTrain ? 170 : 110), // the panel scrolls (Info's heat map, Train's forecast)
       });
       return result;
     };
@@ -147,6 +222,11 @@ app.registerExtension({
     api.addEventListener("seqlora.bank", ({ detail }) => {
       const node = nodeFor(detail.node);
       if (node?.seqloraPanel) renderBank(node.seqloraPanel, detail);
+    });
+    // Train Concept's forecast, shown while the training it precedes runs
+    api.addEventListener("seqlora.forecast", ({ detail }) => {
+      const node = nodeFor(detail.node);
+      if (node?.seqloraPanel) renderReport(node.seqloraPanel, detail.text);
     });
     // Cancel (or an error) during training: say so instead of leaving "step k / n" up
     api.addEventListener("seqlora.stopped", ({ detail }) => {

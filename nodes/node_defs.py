@@ -68,13 +68,20 @@ class TrainConcept(io.ComfyNode):
                                  tooltip="use a bank made for another base model anyway (its concepts may look wrong)"),
                 io.Int.Input("sample_steps", default=20, min=0, max=100, optional=True,
                              tooltip="sampler steps of the preview image of the new concept at the end (0: none)"),
+                io.Boolean.Input("forecast", default=True, optional=True,
+                                 tooltip="before training, one pass over the images forecasts how much of each "
+                                         "concept in the bank the new one can disturb; after, the measured "
+                                         "interference (in the panel and the forecast output)"),
             ],
             outputs=[BasisBank.Output(display_name="bank", tooltip="the bank with the new concept appended"),
                      io.Model.Output(display_name="model", tooltip="the model with every concept of the bank applied"),
                      io.Clip.Output(display_name="clip", tooltip="the text encoder with every concept token usable"),
                      io.Image.Output(display_name="loss_curve", tooltip="the denoising loss per step"),
                      io.Image.Output(display_name="sample", tooltip="'a photo of <token>' on the new model "
-                                                                    "(black when sample_steps is 0)")],
+                                                                    "(black when sample_steps is 0)"),
+                     io.String.Output(display_name="forecast",
+                                      tooltip="the forecast before training and the new concept's measured "
+                                              "interference row and column after (empty when forecast is off)")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -84,7 +91,7 @@ class TrainConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, token, init_word, bank=None, allow_other_base=False, sample_steps=20,
-                **setting_values):
+                forecast=True, **setting_values):
         import comfy.utils
 
         settings = train_settings(setting_values)
@@ -98,17 +105,21 @@ class TrainConcept(io.ComfyNode):
             last["step"] = step
             send("seqlora.progress", {"node": node, "step": step, "total": total, "loss": loss})
 
+        def show_forecast(text):
+            send("seqlora.forecast", {"node": node, "text": text})
+
         try:
-            new_bank, new_model, new_clip, curve = operations.train(
-                model, clip, vae, images, token, init_word, bank, settings, progress, allow_other_base)
+            new_bank, new_model, new_clip, curve, report = operations.train(
+                model, clip, vae, images, token, init_word, bank, settings, progress, allow_other_base,
+                forecast=bool(forecast), on_forecast=show_forecast)
         except BaseException as exc:
             send("seqlora.stopped", {"node": node, "step": last["step"], "total": steps,
                                      "state": "cancelled" if operations.is_cancel(exc) else "failed"})
             raise
         sample = operations.preview(new_model, new_clip, vae, new_bank.concepts[-1].token, settings.resolution,
                                     sample_steps, settings.seed)
-        send("seqlora.bank", {"node": node, **operations.panel_data(new_bank)})
-        return io.NodeOutput(new_bank, new_model, new_clip, curve, sample)
+        send("seqlora.bank", {"node": node, **operations.panel_data(new_bank), **({"report": report} if report else {})})
+        return io.NodeOutput(new_bank, new_model, new_clip, curve, sample, report)
 
 
 class LoadImageFolder(io.ComfyNode):
@@ -218,16 +229,21 @@ class BasisBankInfo(io.ComfyNode):
         return io.Schema(
             node_id="SeqLoRABasisBankInfo", display_name="Basis Bank Info", category=CATEGORY,
             description="What a bank holds: concepts with their final loss, capacity used per layer, "
-                        "orthogonality, the base model's fingerprint.",
+                        "orthogonality, the base model's fingerprint, and how much the concepts disturb one "
+                        "another (interference heat map, worst layers).",
             inputs=[BasisBank.Input("bank", tooltip=BANK_TIP)],
-            outputs=[io.String.Output(display_name="info", tooltip="the same report as text")],
+            outputs=[io.String.Output(display_name="info", tooltip="the same report as text"),
+                     io.String.Output(display_name="interference",
+                                      tooltip="the interference matrix (row: affected concept, column: the one "
+                                              "disturbing it), the most disturbed pair and the worst layers")],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, bank):
         text = operations.info_text(bank)
-        return io.NodeOutput(text, ui=_bank_ui(bank, text))
+        words, heat = operations.interference_info(bank)
+        return io.NodeOutput(text, words, ui=_bank_ui(bank, text, **({"interference": heat} if heat else {})))
 
 
 class MergeBasisBanks(io.ComfyNode):

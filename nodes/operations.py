@@ -238,6 +238,22 @@ def panel_data(bank: Bank) -> dict:
             "orthogonality": summary["max_orthogonality_error"], "fingerprint": bank.base.get("fingerprint")}
 
 
+def interference_info(bank: Bank, worst: int = 3) -> tuple[str, dict | None]:
+    """Basis Bank Info's interference: the report in words (``app.interference_report``) and what
+    the js panel draws as a heat map (tokens, matrix with None on the diagonal and in rows without
+    statistics, the worst layers, the random-weight note); no panel data for an empty bank."""
+    from seqlora_core.app.interference_report import honesty_line, interference_text, worst_layers_json
+    from seqlora_core.method.interference import bank_interference
+
+    if not bank.concepts:
+        return interference_text(bank), None
+    result = bank_interference(bank)
+    panel = {"concepts": result.concepts, "tokens": [bank.get(i).token for i in result.concepts],
+             "matrix": result.matrix, "worst_layers": worst_layers_json(result, worst),
+             "missing_stats": result.missing_stats, "note": honesty_line(bank)}
+    return interference_text(bank, worst, result), panel
+
+
 def remove_concept(bank: Bank, concept: str) -> Bank:
     """The bank without ``concept`` (id or token); the bank passed in is unchanged."""
     from seqlora_core.bank.format import token_to_id
@@ -312,9 +328,16 @@ def images_to_pixels(image: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def train(model, clip, vae, image, token: str, init_word: str, bank: Bank | None, settings: TrainSettings,
-          progress=None, allow_other_base: bool = False):
-    """Train one concept inside ComfyUI; returns (bank, model, clip, loss curve IMAGE)."""
+          progress=None, allow_other_base: bool = False, forecast: bool = False, on_forecast=None):
+    """Train one concept inside ComfyUI; returns (bank, model, clip, loss curve IMAGE, report).
+
+    With ``forecast`` the core's forecast (``method.forecast``: one pass over the images, before any
+    step) is handed to ``on_forecast(text)`` before training, and ``report`` holds it followed by
+    the new concept's measured interference row and column; otherwise ``report`` is empty."""
     import comfy.model_management as mm
+
+    from seqlora_core.app.interference_report import after_training_text, forecast_text
+    from seqlora_core.method.forecast import forecast_training
 
     from .comfy_host import ComfyHost
 
@@ -323,10 +346,17 @@ def train(model, clip, vae, image, token: str, init_word: str, bank: Bank | None
         bank = check_bank_for(bank, model, allow_other_base)
     pixels = images_to_pixels(image, settings.resolution)
     host = ComfyHost(model, clip, vae)
+    before = ""
     with host.training():
-        result = train_concept(host, bank if bank is not None else new_bank(host, settings.eps), pixels, token,
-                               init_word, settings, progress,
+        start = bank if bank is not None else new_bank(host, settings.eps)
+        if forecast:
+            fc = forecast_training(host, start, pixels, token, init_word, settings)
+            before = forecast_text(fc, token if token.startswith("<") else f"<{token}>", start)
+            if on_forecast is not None:
+                on_forecast(before)
+        result = train_concept(host, start, pixels, token, init_word, settings, progress,
                                should_stop=lambda: mm.throw_exception_if_processing_interrupted() or False)
     new_model, new_clip = compose(model, clip, result.bank, [c.id for c in result.bank.concepts], {})
     curve = torch.from_numpy(loss_curve_image(result.losses).astype(np.float32) / 255.0).unsqueeze(0)
-    return result.bank, new_model, new_clip, curve
+    report = before + "\n" + after_training_text(result.bank, result.concept.id, fc) if forecast else ""
+    return result.bank, new_model, new_clip, curve, report

@@ -9,7 +9,7 @@ import html
 
 import numpy as np
 
-from seqlora_core.app.interference_report import honesty_line, matrix_lines
+from seqlora_core.app.interference_report import interference_text
 from seqlora_core.app.plot import heatmap_image
 from seqlora_core.method.interference import bank_interference
 
@@ -19,8 +19,7 @@ def interference_view(bank) -> tuple[str, np.ndarray | None]:
     if bank is None or not bank.concepts:
         return "Open a bank with concepts to see how much they disturb one another.", None
     result = bank_interference(bank)
-    note = honesty_line(bank)
-    text = "<pre>" + html.escape("\n".join(matrix_lines(result) + ([note] if note else []))) + "</pre>"
+    text = "<pre>" + html.escape(interference_text(bank, result=result)) + "</pre>"
     if len(result.missing_stats) == len(result.concepts):
         return text, None
     return text, heatmap_image(result.matrix, result.concepts, "interference (row: affected, column: added)")

@@ -239,6 +239,31 @@ class TabActions:
                 yield status, loss_curve_image(losses), sample
                 return
 
+    def forecast(self, files, token, init_word, *setting_values):
+        """The Forecast button: one pass of the uploaded images over the open bank, no training step
+        (``method.forecast``; words from ``app.interference_report``); the bank file is not touched."""
+        from seqlora_core.app.interference_report import forecast_text
+        from seqlora_core.method.forecast import forecast_training
+        from seqlora_core.method.trainer import new_bank
+
+        session = self.session
+        try:
+            if not files:
+                raise InputError("Upload at least one reference image.")
+            settings = train_settings(dict(zip(SETTINGS_BY_NAME, setting_values)))
+            pixels = load_images([_path(f) for f in files], settings.resolution)
+            bank = session.bank()
+            with session.job():  # the host's GPU lock: the model cannot change under the pass
+                host = session.host()
+                bank = bank if bank is not None else new_bank(host, settings.eps)
+                with getattr(host, "training", contextlib.nullcontext)():  # A1111: its merged LoRAs out
+                    fc = forecast_training(host, bank, pixels, token, init_word, settings)
+            shown = token if token.startswith("<") else f"<{token}>"
+            return (f"<pre class='seqlora-forecast' style='white-space:pre-wrap'>"
+                    f"{html.escape(forecast_text(fc, shown, bank))}</pre>")
+        except SeqLoRAError as exc:
+            return _error(exc)
+
     def stop(self):
         self.session.stop_requested.set()
         return "<span class='seqlora-stopping'>stopping before the next pass…</span>"
@@ -360,8 +385,10 @@ def build_tab(session: TabSession):
                     with gr.Row():
                         train_btn = gr.Button("Train", variant="primary", elem_id="seqlora_train")
                         stop_btn = gr.Button("Stop", variant="stop", elem_id="seqlora_stop")
+                        forecast_btn = gr.Button("Forecast", elem_id="seqlora_forecast")
                 with gr.Column():
                     train_status = gr.HTML(elem_id="seqlora_train_status")
+                    forecast_text = gr.HTML(elem_id="seqlora_forecast_text")
                     curve = gr.Image(label="Loss", interactive=False)
                     sample = gr.Image(label="Sample", interactive=False, elem_id="seqlora_sample")
         with gr.Tab("Bank"):
@@ -413,6 +440,7 @@ def build_tab(session: TabSession):
                         [train_status, curve, sample]).then(actions.refresh, None, listing)
         # queue=False: a Stop click is answered at once, beside the training still streaming
         stop_btn.click(actions.stop, None, [train_status], queue=False)
+        forecast_btn.click(actions.forecast, [files, token, init_word, *setting_widgets], [forecast_text])
         open_btn.click(actions.open_bank, [bank_path, upload], [bank_status, *listing])
         remove_btn.click(actions.remove, [remove_id], [bank_status, *listing])
         refresh_btn.click(actions.refresh, None, listing)

@@ -43,3 +43,38 @@ def test_forgetting_benchmark_two_concepts_two_steps(tmp_path):
     text = results_md.read_text()
     assert "kept text" in text and "<!-- forgetting:begin -->" in text and "random weights" in text
     assert text.count("| unet-cross |") == 5 and "--concepts 2 --steps 2" in text
+
+    # runs of other seeds (same settings) merge into one table with the spread over all of them
+    other = json.loads(json.dumps(data))
+    other["settings"]["seeds"] = [7]
+    for run in other["runs"]:
+        run["seed"] = 7
+        run["mean_forgetting"] += 1.0
+    second = tmp_path / "seed7.json"
+    second.write_text(json.dumps(other))
+    first = tmp_path / "forgetting-tiny-cpu.json"
+
+    def merge(*files, out="merged", extra=()):
+        return subprocess.run([sys.executable, str(ROOT / "bench" / "forgetting.py"), "--merge", *map(str, files),
+                               "--out", str(tmp_path / out), "--results-md", str(results_md), *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = merge(first, second)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "merged" / "forgetting-tiny-cpu.json").read_text())
+    assert merged["settings"]["seeds"] == [0, 7] and len(merged["runs"]) == 20
+    cell = merged["summary"]["default"]["seqlora"]["mean_forgetting"]
+    own = data["summary"]["default"]["seqlora"]["mean_forgetting"]["mean"]
+    assert cell["n"] == 2 and abs(cell["mean"] - (own + 0.5)) < 1e-9 and abs(cell["std"] - 2 ** -0.5) < 1e-9
+    assert "--seeds 0,7" in results_md.read_text() and "--merge" in results_md.read_text()
+    # a second table (another base, say) in its own section, the first one kept
+    assert merge(first, second, out="other", extra=("--section", "forgetting-other")).returncode == 0
+    text = results_md.read_text()
+    assert text.count("<!-- forgetting:begin -->") == 1 and text.count("<!-- forgetting-other:begin -->") == 1
+    assert text.count("| unet-cross |") == 10 and "kept text" in text
+    again = merge(first, first, out="twice")
+    assert again.returncode != 0 and "seed 0 is in both" in again.stderr
+    other["settings"]["steps"] = 3
+    second.write_text(json.dumps(other))
+    differ = merge(first, second, out="differ")
+    assert differ.returncode != 0 and "settings differ" in differ.stderr and "steps" in differ.stderr

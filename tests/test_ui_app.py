@@ -105,6 +105,15 @@ def test_upload_train_list_export(ui_server, photos):
         assert "exported seqlora_chelsea.safetensors" in page.locator("#seqlora_compose_status").first.text_content()
         assert (bank.parent / "exports" / "seqlora_chelsea.safetensors").exists()
         _tab(page, "Train").click()
+        # Forecast: the same photos as a next concept, against the bank just saved; nothing is trained
+        before = bank.read_bytes()
+        _field(page, "seqlora_token").fill("<coffee>")
+        _field(page, "seqlora_token").press("Tab")
+        page.locator("#seqlora_forecast").click()
+        page.locator("#seqlora_forecast_text .seqlora-forecast, #seqlora_forecast_text .seqlora-error").wait_for(timeout=120000)
+        forecast = page.locator("#seqlora_forecast_text").first.text_content()
+        assert "forecast for <coffee>" in forecast and "chelsea" in forecast and "%" in forecast, forecast
+        assert bank.read_bytes() == before
         page.screenshot(path=str(ROOT / "out" / "ui-train.png"), full_page=True)
         browser.close()
     assert not errors, errors

@@ -99,22 +99,18 @@ def cmd_train(args) -> None:
         print(f"note: {result.skipped_steps} step(s) had non-finite gradients in {str(host.dtype).removeprefix('torch.')} "
               f"and were skipped (loss scale now {result.loss_scale:g})", file=sys.stderr)
     if args.forecast:
-        from ..method.interference import bank_interference
-        from .interference_report import after_training_lines
+        from .interference_report import after_training_text
 
-        print("\n".join(after_training_lines(result.bank, result.concept.id, forecast,
-                                             bank_interference(result.bank))))
+        print(after_training_text(result.bank, result.concept.id, forecast))
 
 
 def print_forecast(host, bank, pixels, token, init_word, settings):
     """The forecast of ``train --forecast``: one pass over the new images, no training step."""
     from ..method.forecast import forecast_training
-    from .interference_report import forecast_lines, honesty_line
+    from .interference_report import forecast_text
 
     forecast = forecast_training(host, bank, pixels, token, init_word, settings)
-    lines = forecast_lines(forecast, token)
-    note = honesty_line(bank) if bank.concepts else None
-    print("\n".join(lines + ([note] if note else [])), flush=True)
+    print(forecast_text(forecast, token, bank), flush=True)
     return forecast
 
 
@@ -158,15 +154,13 @@ def cmd_bank_info(args) -> None:
 def cmd_bank_interference(args) -> None:
     from ..bank.format import load_bank
     from ..method.interference import bank_interference
-    from .interference_report import honesty_line, matrix_lines
+    from .interference_report import honesty_line, matrix_lines, worst_layers_json
 
     bank = load_bank(args.file)
     result = bank_interference(bank)
     note = honesty_line(bank)
     if args.json:
-        print(json.dumps({**result.to_json(), "worst_layers": [
-            {"layer": name, "share": value, "affected": affected, "added": added}
-            for name, value, affected, added in result.worst_layers(args.worst)], "note": note}))
+        print(json.dumps({**result.to_json(), "worst_layers": worst_layers_json(result, args.worst), "note": note}))
         return
     if not bank.concepts:
         print("the bank holds no concepts")

@@ -83,3 +83,36 @@ def after_training_lines(bank, new_id: str, fc: ExposureForecast | None, result:
     if len(result.concepts) == 1:
         lines.append("  the only concept in the bank")
     return lines
+
+
+# -- whole reports, shared by the CLI, the tab and the ComfyUI nodes ---------------------------
+def worst_layers_json(result: Interference, count: int = 3) -> list[dict]:
+    """The worst layers as records (``bank interference --json``, the ComfyUI panel)."""
+    return [{"layer": name, "share": value, "affected": affected, "added": added}
+            for name, value, affected, added in result.worst_layers(count)]
+
+
+def interference_text(bank, worst: int = 3, result: Interference | None = None) -> str:
+    """The bank's interference matrix in words (matrix, most disturbed pair, worst layers, and the
+    random-weight note where it applies); ``result``: the bank's matrix when already computed."""
+    if not bank.concepts:
+        return "the bank holds no concepts"
+    if result is None:
+        from ..method.interference import bank_interference
+
+        result = bank_interference(bank)
+    note = honesty_line(bank)
+    return "\n".join(matrix_lines(result, worst) + ([note] if note else []))
+
+
+def forecast_text(fc: ExposureForecast, token: str, bank) -> str:
+    """The forecast before training in words, with the random-weight note for such a bank."""
+    note = honesty_line(bank) if bank is not None and bank.concepts else None
+    return "\n".join(forecast_lines(fc, token) + ([note] if note else []))
+
+
+def after_training_text(bank, new_id: str, fc: ExposureForecast | None) -> str:
+    """The new concept's measured interference row and column, next to the forecast."""
+    from ..method.interference import bank_interference
+
+    return "\n".join(after_training_lines(bank, new_id, fc, bank_interference(bank)))

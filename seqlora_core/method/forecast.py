@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..bank.fingerprint import base_fingerprint
 from ..bank.format import Bank
 from ..settings import CONSTRAINED_METHODS
 from ..hosts.protocol import Host
@@ -54,7 +55,10 @@ def new_concept_moments(host: Host, bank: Bank, pixels: Tensor, token: str, init
 def forecast_training(host: Host, bank: Bank, pixels: Tensor, token: str, init_word: str,
                       settings: TrainSettings) -> ExposureForecast:
     """How much of each earlier concept's activation energy (in its stored principal directions)
-    a concept trained with ``settings`` can disturb; see ``interference.forecast_exposure``."""
+    a concept trained with ``settings`` can disturb; see ``interference.forecast_exposure``.
+    Refuses, as training would, a bank for another base and a token the bank already has."""
+    bank.check_base(host.architecture(), base_fingerprint(host.linear_layers()))
+    bank.check_new_token(token)
     layers = select_layers(host.linear_layers(), settings.targets)
     constrained = settings.method in CONSTRAINED_METHODS
     projectors = {n: bank.projector(n, m.in_features) if constrained else None for n, m in layers.items()}

@@ -19,6 +19,8 @@ def test_panel_renders_and_follows_training(comfy_server, comfy_path, photo):
     if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     ui = json.loads((ROOT / "workflows" / "train_compose.json").read_text())
+    for stale in (comfy_path / "models" / "seqlora").glob("pytest_frontend*.safetensors"):
+        stale.unlink()  # left by an interrupted run: Save would (rightly) refuse to replace it
     with frontend_page(comfy_server) as page:
         names = page.evaluate("() => window.app.extensions.map(e => e.name)")
         assert "SeqLoRA.BankPanel" in names
@@ -41,6 +43,9 @@ def test_panel_renders_and_follows_training(comfy_server, comfy_path, photo):
             .filter(e => e.textContent.includes("<chelsea>")).length >= 3""", timeout=1500000)
         status = page.locator(".seqlora-status").first.text_content()
         assert "step 2 / 2" in status
+        # Train Concept's forecast (on by default): before training, then the measured row and column
+        report = page.locator(".seqlora-report").first.text_content()
+        assert "forecast for <chelsea>" in report and "measured after training" in report
         bars = page.locator(".seqlora-capacity").count()
         assert bars >= 3
         page.wait_for_timeout(1500)  # the image nodes show their results
@@ -184,3 +189,56 @@ def test_image_folder_node_uploads_several_photos(comfy_server, comfy_path, tmp_
             f.unlink()
         if target.exists():
             target.rmdir()
+
+
+def test_info_panel_draws_the_interference_heat_map(comfy_server, comfy_path, stream_bank):
+    """Basis Bank Info on a three-concept bank: the heat map (worst pair drawn red), the worst layers
+    named as the core names them, and the node's `interference` output."""
+    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed in this Python")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    from seqlora_core.app.interference_report import worst_layers_json
+    from seqlora_core.method.interference import bank_interference
+
+    bank_file = comfy_path / "models" / "seqlora" / "pytest_interference.safetensors"
+    stream_bank.save(bank_file)  # before the page loads: the bank_name list holds it
+    try:
+        with frontend_page(comfy_server) as page:
+            page.evaluate("""async (name) => {
+                const g = window.app.graph;
+                g.clear();
+                const load = window.LiteGraph.createNode("SeqLoRALoadBasisBank");
+                load.pos = [40, 60];
+                g.add(load);
+                const info = window.LiteGraph.createNode("SeqLoRABasisBankInfo");
+                info.pos = [420, 60];
+                g.add(info);
+                info.setSize([380, 620]); // room for the whole panel (it scrolls in a smaller node)
+                load.widgets.find(w => w.name === "bank_name").value = name;
+                load.connect(0, info, 0);
+                await window.app.queuePrompt(0, 1);
+            }""", bank_file.name)
+            page.wait_for_function("() => document.querySelectorAll('canvas.seqlora-interference').length >= 1",
+                                   timeout=120000)
+            red = page.evaluate("""() => {
+                const c = document.querySelector('canvas.seqlora-interference');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let n = 0;
+                for (let i = 0; i < d.length; i += 4) if (d[i] === 255 && d[i + 1] < 40 && d[i + 2] < 40) n++;
+                return n;
+            }""")
+            assert red > 20  # the worst pair's cell
+            shown = page.locator(".seqlora-worst-layer").all_text_contents()
+            expected = worst_layers_json(bank_interference(stream_bank))
+            assert [s.split(":")[0] for s in shown] == [w["layer"] for w in expected]
+            node_id = page.evaluate("() => window.app.graph._nodes.find(n => n.type === 'SeqLoRABasisBankInfo').id")
+            history = page.evaluate("async () => (await fetch('/history?max_items=1')).json()")
+            outputs = next(iter(history.values()))["outputs"][str(node_id)]
+            assert outputs["seqlora_bank"][0]["interference"]["tokens"] == [c.token for c in stream_bank.concepts]
+            page.wait_for_timeout(500)
+            (ROOT / "out").mkdir(exist_ok=True)
+            page.screenshot(path=str(ROOT / "out" / "comfyui-seqlora-interference.png"))
+            ours = [e for e in page.seqlora_errors if "seqlora" in (e["text"] + e["where"]).lower()]
+            assert not ours, ours
+    finally:
+        bank_file.unlink(missing_ok=True)
