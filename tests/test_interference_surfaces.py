@@ -95,7 +95,9 @@ def test_forecast_refuses_a_bank_for_another_base(host, stream_bank, pixels):
 
     from seqlora_core.errors import BankError
 
-    other = replace(stream_bank, base={**stream_bank.base, "fingerprint": "somewhere-else"})
+    from tests.test_cli import ANOTHER_BASE
+
+    other = replace(stream_bank, base={**stream_bank.base, **ANOTHER_BASE})
     token = list(pixels)[3]
     with pytest.raises(BankError, match="another base"):
         forecast_training(host, other, pixels[token], token, "thing", quick_settings())
