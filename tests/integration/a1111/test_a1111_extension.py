@@ -161,6 +161,8 @@ def test_stop_button_stops_within_a_pass_and_leaves_the_bank_byte_identical(a111
 
 
 def test_tag_applies_the_concept_and_leaves_nothing_behind(a1111):
+    # the last generation was the tab's sample of the same prompt (3 steps, 64 px, concept applied):
+    # plain_before also checks that the sample left no cached conditioning behind
     plain_before, info0 = a1111.txt2img(PLAIN)
     tagged, info = a1111.txt2img(TAGGED)
     plain_after, _ = a1111.txt2img(PLAIN)
