@@ -3,6 +3,7 @@
 The concepts are handed to the ``<seqlora:…>`` extra network on the processing object
 (``p.seqlora_picks``), so a preview composes exactly as a prompt tag would, with A1111's sampler,
 seed handling, VAE and infotext; whatever that extra network refuses comes back as one sentence.
+A preview never shares A1111's conditioning cache (see ``txt2img_preview``).
 """
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ def txt2img_preview(bank: Bank, bank_path: Path, prompt: str, ids: list[str], st
             do_not_save_samples=True, do_not_save_grid=True)
         p.seqlora_picks = [Pick(label, bank, str(bank_path), ident, float(strengths.get(ident, 1.0)))
                            for ident in ids]
+        # A1111 caches the last prompt's conditioning (class-wide) under a key that knows the prompt's
+        # extra-network tags but not p.seqlora_picks: with the shared cache, a later plain
+        # "a photo of <chelsea>" would reuse this preview's conditioning (concept applied to the text
+        # encoder), and this preview could reuse a plain one. The preview keeps a cache of its own.
+        p.cached_c, p.cached_uc = [None, None], [None, None]
         try:
             processed = processing.process_images(p)
         except Exception as exc:  # A1111's own failures (NaNs, out of memory) as one sentence in the tab

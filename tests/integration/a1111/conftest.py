@@ -76,9 +76,13 @@ def a1111_env(a1111_path) -> dict:
 
 @pytest.fixture(scope="session")
 def checkpoint(a1111_path) -> Path:
+    from tests.integration.make_sd15_checkpoint import fix_text_norm, text_norm_is_degenerate
+
     path = a1111_path / "models" / "Stable-diffusion" / CKPT
     if not path.exists():
         pytest.fail(f"no {path}: build it with tests/integration/build_a1111.sh (make_sd15_checkpoint.py)")
+    if text_norm_is_degenerate(str(path)):  # written before the fix: A1111 turns a third of prompts into NaN
+        fix_text_norm(str(path))
     return path
 
 
@@ -149,7 +153,8 @@ def a1111(a1111_path, a1111_python, a1111_env, checkpoint, extension, tmp_path_f
     port = _free_port()
     log = tmp_path_factory.mktemp("a1111") / "a1111.log"
     handle = open(log, "w")
-    proc = subprocess.Popen([a1111_python, "launch.py", *FLAGS, "--api", "--port", str(port)],
+    # --ckpt: start on the test checkpoint whatever an earlier run switched to (A1111 remembers it)
+    proc = subprocess.Popen([a1111_python, "launch.py", *FLAGS, "--ckpt", str(checkpoint), "--api", "--port", str(port)],
                             cwd=a1111_path, env=a1111_env, stdout=handle, stderr=subprocess.STDOUT)
     server = A1111Server(f"http://127.0.0.1:{port}", a1111_path, log)
     deadline = time.time() + 900

@@ -95,8 +95,11 @@ def _bank(a1111, name="my_concepts"):
 
 def test_training_from_the_tab_with_progress_and_sample(a1111, page, photos):
     bank = _bank(a1111)
-    if bank.exists():
-        bank.unlink()  # a bank left by an earlier run
+    # what an earlier run left: its bank, and its export (A1111 would read "chelsea" in later prompts)
+    for left in (bank, a1111.path / "models" / "Lora" / "seqlora_chelsea.safetensors",
+                 a1111.path / "embeddings" / "chelsea.safetensors"):
+        if left.exists():
+            left.unlink()
     files = [str(p) for p in sorted(photos["<chelsea>"].iterdir())]
     _upload(page, "seqlora_images", files)
     _fill_training(page, "<chelsea>", steps="2")
@@ -158,10 +161,12 @@ def test_stop_button_stops_within_a_pass_and_leaves_the_bank_byte_identical(a111
 
 
 def test_tag_applies_the_concept_and_leaves_nothing_behind(a1111):
+    # the last generation was the tab's sample of the same prompt (3 steps, 64 px, concept applied):
+    # plain_before also checks that the sample left no cached conditioning behind
     plain_before, info0 = a1111.txt2img(PLAIN)
     tagged, info = a1111.txt2img(TAGGED)
     plain_after, _ = a1111.txt2img(PLAIN)
-    assert "SeqLoRA: my_concepts:chelsea:1" in info, info
+    assert 'SeqLoRA: "my_concepts:chelsea:1"' in info, info  # A1111 quotes values with ":"
     assert np.abs(tagged.astype(int) - plain_before.astype(int)).mean() > 1.0
     assert np.array_equal(plain_after, plain_before), "the concept's token must not outlive its tag"
     embeddings = a1111.get("/sdapi/v1/embeddings")
@@ -197,6 +202,12 @@ def test_export_goes_to_a1111s_lora_and_embeddings_folders(a1111, page):
     names = {entry["name"] for entry in a1111.get("/sdapi/v1/loras")}
     assert "seqlora_chelsea" in names and "chelsea" not in names
     assert "chelsea" in a1111.get("/sdapi/v1/embeddings")["loaded"]
+    # A1111's Textual Inversion page (txt2img's extra networks) refreshes and lists the embedding
+    page.evaluate("extraNetworksControlRefreshOnClick(null, 'txt2img', 'textual_inversion')")
+    page.locator('#txt2img_textual_inversion_cards_html .card[data-name="chelsea"]').first.wait_for(
+        state="attached", timeout=120000)
+    assert "creating item for extra network" not in a1111.log_tail(20000)
+    assert not page.seqlora_errors, page.seqlora_errors
 
 
 def test_exported_lora_and_embedding_give_the_tagged_image(a1111):
@@ -213,9 +224,10 @@ def test_checkpoint_switch_refuses_the_old_bank_and_trains_the_new_model(a1111, 
     from safetensors.torch import load_file, save_file
 
     from seqlora_core.bank.format import load_bank
+    from tests.integration.make_sd15_checkpoint import text_norm_is_degenerate
 
     other = a1111.path / "models" / "Stable-diffusion" / "seqlora-sd15-other.safetensors"
-    if not other.exists():
+    if not other.exists() or text_norm_is_degenerate(str(other)):
         weights = load_file(str(a1111.path / "models" / "Stable-diffusion" / CKPT))
         key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
         weights[key] = weights[key] + 0.5
@@ -228,6 +240,8 @@ def test_checkpoint_switch_refuses_the_old_bank_and_trains_the_new_model(a1111, 
     assert "SeqLoRA refused" in info and "another base model" in info, info
     assert np.array_equal(refused, untagged)
 
+    if _bank(a1111, "on_other").exists():
+        _bank(a1111, "on_other").unlink()  # left by an earlier run
     _subtab(page, "Bank")
     _field(page, "seqlora_bank_path").fill(str(_bank(a1111, "on_other")))
     page.locator("#seqlora_open").click()
