@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seqlora_core.bank.fingerprint import base_fingerprint
+from seqlora_core.bank.fingerprint import base_fingerprint, same_base
 from seqlora_core.bank.format import Bank, load_bank
 from seqlora_core.errors import InputError, SeqLoRAError
 from seqlora_core.hosts.naming import compvis_layers
@@ -88,7 +88,7 @@ def refusal(bank: Bank, label: str, fingerprint: str, layers) -> str | None:
     arch, made_for = bank.base.get("architecture"), bank.base.get("fingerprint")
     if arch != "sd15":
         return f"SeqLoRA: {label} not applied: it was made for a {arch} base, not SD-1.5."
-    if made_for not in (None, fingerprint):
+    if not same_base(bank.base, fingerprint):
         return (f"SeqLoRA: {label} not applied: it was made for another base model (fingerprint {made_for}, "
                 f"loaded checkpoint {fingerprint}).")
     missing = [n for n in bank.layer_shapes() if n not in layers]
