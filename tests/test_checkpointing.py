@@ -203,14 +203,12 @@ def test_the_product_after_a_deliberate_re_binding_equals_the_plain_one(tiny):
     assert rel(checked[0], plain[0]) < tol and rel(checked[1], plain[1]) < tol
 
 
-def test_recomputing_outside_the_pass_context_has_no_double_backward(tiny):
+def test_recomputing_outside_the_pass_context_has_no_double_backward(fp32_tiny):
     """Why the recomputation re-enters the pass's context: outside it, the CPU's fused attention
     kernel runs, and its backward cannot be differentiated again (diffusers' own gradient
-    checkpointing failed the same way, as torch's CheckpointError)."""
-    if tiny[0] != torch.float32:
-        pytest.skip("one dtype shows it")
+    checkpointing failed the same way, as torch's CheckpointError). One dtype shows it."""
     with pytest.raises(RuntimeError, match="not implemented|derivative"):
-        run(tiny, "no-context")
+        run(fp32_tiny, "no-context")
 
 
 def test_training_with_memory_checkpoint_gives_the_same_concept(host, pixels, monkeypatch):
