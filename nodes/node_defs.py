@@ -63,6 +63,14 @@ class TrainConcept(io.ComfyNode):
                 io.String.Input("init_word", default="object",
                                 tooltip="a word close to the concept (cat, mug, person); the token starts from it"),
                 BasisBank.Input("bank", optional=True, tooltip="bank to extend; none starts a new one for this model"),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="train on the subject, not the background: one mask, or one per image, "
+                                      "read as mask_means says (Load Image's and Load Image Folder's MASK of a "
+                                      "PNG with a transparent background works as it is)"),
+                io.Combo.Input("mask_means", options=list(operations.MASK_MEANINGS),
+                               default=operations.MASK_MEANINGS[0], optional=True,
+                               tooltip="what a mask value of 1 marks: the background to ignore (ComfyUI's Load "
+                                       "Image: 1 where transparent) or the subject (segmentation nodes)"),
                 *(_setting_input(s) for s in TRAINING_SETTINGS),
                 io.Boolean.Input("allow_other_base", default=False, optional=True,
                                  tooltip="use a bank made for another base model anyway (its concepts may look wrong)"),
@@ -84,7 +92,7 @@ class TrainConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, token, init_word, bank=None, allow_other_base=False, sample_steps=20,
-                **setting_values):
+                mask=None, mask_means=operations.MASK_MEANINGS[0], **setting_values):
         import comfy.utils
 
         settings = train_settings(setting_values)
@@ -100,7 +108,8 @@ class TrainConcept(io.ComfyNode):
 
         try:
             new_bank, new_model, new_clip, curve = operations.train(
-                model, clip, vae, images, token, init_word, bank, settings, progress, allow_other_base)
+                model, clip, vae, images, token, init_word, bank, settings, progress, allow_other_base,
+                mask, mask_means)
         except BaseException as exc:
             send("seqlora.stopped", {"node": node, "step": last["step"], "total": steps,
                                      "state": "cancelled" if operations.is_cancel(exc) else "failed"})
@@ -130,7 +139,11 @@ class LoadImageFolder(io.ComfyNode):
                                    tooltip="crop: fill the square, cut the longer side; pad: keep the whole photo, "
                                            "grey bars; stretch: ignore the aspect ratio")],
             outputs=[io.Image.Output(display_name="images", tooltip="the photos as one IMAGE batch"),
-                     io.Int.Output(display_name="count", tooltip="how many photos were loaded")],
+                     io.Int.Output(display_name="count", tooltip="how many photos were loaded"),
+                     io.Mask.Output(display_name="mask",
+                                    tooltip="1 where a photo is transparent, like Load Image's MASK (0 for photos "
+                                            "without transparency): wire it to Train Concept's mask to train on "
+                                            "the subject only")],
         )
 
     @classmethod
@@ -147,8 +160,8 @@ class LoadImageFolder(io.ComfyNode):
 
         from .image_folder import load_folder
 
-        images = load_folder(_input_dir(), folder, size, fit)
-        return io.NodeOutput(images, images.shape[0], ui=ui.PreviewImage(images, cls=cls))
+        images, mask = load_folder(_input_dir(), folder, size, fit)
+        return io.NodeOutput(images, images.shape[0], mask, ui=ui.PreviewImage(images, cls=cls))
 
 
 def _input_dir() -> str:
