@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def test_panel_renders_and_follows_training(comfy_server, comfy_path, photo):
         assert not overlapping(node_rectangles(page))  # after a run too (the loss curve once covered Info)
         (ROOT / "out").mkdir(exist_ok=True)
         page.screenshot(path=str(ROOT / "out" / "comfyui-seqlora-panel.png"))
+        if os.environ.get("SEQLORA_DOCS_SCREENSHOTS"):  # refresh the README's picture
+            page.screenshot(path=str(ROOT / "docs" / "comfyui-panel.png"))
         # what the server sends when Cancel stops a training (operations.is_cancel → seqlora.stopped)
         train_id = page.evaluate("() => window.app.graph._nodes.find(n => n.type === 'SeqLoRATrainConcept').id")
         page.evaluate("""(id) => window.comfyAPI.api.api.dispatchCustomEvent('seqlora.stopped',
