@@ -63,6 +63,12 @@ class TrainConcept(io.ComfyNode):
                 io.String.Input("init_word", default="object",
                                 tooltip="a word close to the concept (cat, mug, person); the token starts from it"),
                 BasisBank.Input("bank", optional=True, tooltip="bank to extend; none starts a new one for this model"),
+                *(_setting_input(s) for s in TRAINING_SETTINGS),
+                io.Boolean.Input("allow_other_base", default=False, optional=True,
+                                 tooltip="use a bank made for another base model anyway (its concepts may look wrong)"),
+                io.Int.Input("sample_steps", default=20, min=0, max=100, optional=True,
+                             tooltip="sampler steps of the preview image of the new concept at the end (0: none)"),
+                # last, so that workflows saved before masks existed keep their widget values in place
                 io.Mask.Input("mask", optional=True,
                               tooltip="train on the subject, not the background: one mask, or one per image, "
                                       "read as mask_means says (Load Image's and Load Image Folder's MASK of a "
@@ -71,11 +77,6 @@ class TrainConcept(io.ComfyNode):
                                default=operations.MASK_MEANINGS[0], optional=True,
                                tooltip="what a mask value of 1 marks: the background to ignore (ComfyUI's Load "
                                        "Image: 1 where transparent) or the subject (segmentation nodes)"),
-                *(_setting_input(s) for s in TRAINING_SETTINGS),
-                io.Boolean.Input("allow_other_base", default=False, optional=True,
-                                 tooltip="use a bank made for another base model anyway (its concepts may look wrong)"),
-                io.Int.Input("sample_steps", default=20, min=0, max=100, optional=True,
-                             tooltip="sampler steps of the preview image of the new concept at the end (0: none)"),
             ],
             outputs=[BasisBank.Output(display_name="bank", tooltip="the bank with the new concept appended"),
                      io.Model.Output(display_name="model", tooltip="the model with every concept of the bank applied"),
