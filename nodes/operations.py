@@ -325,7 +325,7 @@ def masks_to_weights(mask: torch.Tensor, image: torch.Tensor, resolution: int, m
     out = []
     for m in mask.expand(n, h, w):
         arr = (m.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-        out.append(pil_to_mask(Image.fromarray(arr, mode="L"), resolution))
+        out.append(pil_to_mask(Image.fromarray(arr), resolution))  # uint8 (H, W): mode L
     return torch.stack(out)
 
 

@@ -201,13 +201,13 @@ def test_train_with_a_mask_folder(photos, tmp_path):
     grey = np.zeros((64, 64), np.uint8)
     grey[16:48, 16:48] = 255
     for f in files[1:]:
-        Image.fromarray(grey, "L").save(masks / (f.stem + ".png"))
+        Image.fromarray(grey).save(masks / (f.stem + ".png"))
     bank = tmp_path / "m.safetensors"
     proc = cli("train", "--bank", bank, "--base", "tiny", "--images", photos[token], "--masks", masks,
                "--token", "<masked>", *QUICK, check=False)
     assert_user_error(proc, "No mask for", files[0].name)
     assert not bank.exists()
-    Image.fromarray(grey, "L").save(masks / (files[0].stem + ".png"))
+    Image.fromarray(grey).save(masks / (files[0].stem + ".png"))
     proc = cli("train", "--bank", bank, "--base", "tiny", "--images", photos[token], "--masks", masks,
                "--token", "<masked>", *QUICK)
     assert "trained <masked>" in proc.stdout

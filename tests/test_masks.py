@@ -85,7 +85,7 @@ def test_png_alpha_and_mask_files_become_subject_masks(tmp_path):
     rgba = np.zeros((32, 48, 4), np.uint8)
     rgba[..., :3] = 200
     rgba[:, :24, 3] = 255  # opaque left half: the subject
-    Image.fromarray(rgba, "RGBA").save(photos / "a.png")
+    Image.fromarray(rgba).save(photos / "a.png")
     Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(photos / "b.jpg")
     pixels, masks = load_images_and_masks([photos], 16, fit="stretch")
     assert pixels.shape == (2, 3, 16, 16) and masks.shape == (2, 16, 16)
@@ -102,10 +102,10 @@ def test_png_alpha_and_mask_files_become_subject_masks(tmp_path):
     mask_dir.mkdir()
     grey = np.zeros((32, 32), np.uint8)
     grey[16:] = 255  # the lower half is the subject
-    Image.fromarray(grey, "L").save(mask_dir / "b.png")  # b.jpg's mask, same stem
+    Image.fromarray(grey).save(mask_dir / "b.png")  # b.jpg's mask, same stem
     with pytest.raises(InputError, match="No mask for a.png"):
         load_images_and_masks([photos], 16, mask_dir=mask_dir)
-    Image.fromarray(np.full((32, 32), 255, np.uint8), "L").save(mask_dir / "a.png")
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(mask_dir / "a.png")
     _, from_files = load_images_and_masks([photos], 16, mask_dir=mask_dir)
     assert float(from_files[0].min()) == 1.0  # the file wins over the photo's alpha
     assert float(from_files[1, :6].max()) < 0.01 and float(from_files[1, 10:].min()) > 0.99

@@ -194,7 +194,7 @@ def test_folder_masks_follow_load_image_and_train_concept_reads_them_as_backgrou
     rgba = np.zeros((64, 64, 4), np.uint8)
     rgba[..., :3] = 180
     rgba[16:48, 16:48, 3] = 255  # the subject, opaque in the middle
-    Image.fromarray(rgba, "RGBA").save(tmp_path / "mug" / "mug.png")
+    Image.fromarray(rgba).save(tmp_path / "mug" / "mug.png")
     Image.fromarray(np.full((64, 64, 3), 40, np.uint8)).save(tmp_path / "mug" / "room.jpg")
     images, mask = load_folder(str(tmp_path), "mug", 32, "crop")
     assert mask.shape == (2, 32, 32)

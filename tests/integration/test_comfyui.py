@@ -184,8 +184,8 @@ def test_train_on_the_subject_of_transparent_photos(comfy_server, comfy_path):
     rgba = np.zeros((96, 96, 4), np.uint8)
     rgba[..., 0], rgba[..., 1] = 220, 90
     rgba[24:72, 24:72, 3] = 255  # the subject, opaque; the background transparent
-    Image.fromarray(rgba, "RGBA").save(folder / "a.png")
-    Image.fromarray(np.roll(rgba, 10, axis=1), "RGBA").save(folder / "b.png")
+    Image.fromarray(rgba).save(folder / "a.png")
+    Image.fromarray(np.roll(rgba, 10, axis=1)).save(folder / "b.png")
 
     def workflow(seed):
         train = quick_example_workflow("unused.png", "unused")["3"]  # every setting the example gives
@@ -202,7 +202,7 @@ def test_train_on_the_subject_of_transparent_photos(comfy_server, comfy_path):
         assert "<masked>" in entry["outputs"]["4"]["text"][0]
         blank = rgba.copy()
         blank[..., 3] = 0
-        Image.fromarray(blank, "RGBA").save(folder / "c.png")  # nothing opaque: nothing to learn
+        Image.fromarray(blank).save(folder / "c.png")  # nothing opaque: nothing to learn
         entry = run_workflow(comfy_server, workflow(1))
         assert entry["status"]["status_str"] == "error"
         error = [m for m in entry["status"]["messages"] if m[0] == "execution_error"][0][1]
