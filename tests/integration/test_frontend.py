@@ -67,7 +67,7 @@ def test_panel_renders_and_follows_training(comfy_server, comfy_path, photo):
         assert not overlapping(node_rectangles(page))  # after a run too (the loss curve once covered Info)
         (ROOT / "out").mkdir(exist_ok=True)
         page.screenshot(path=str(ROOT / "out" / "comfyui-seqlora-panel.png"))
-        if os.environ.get("SEQLORA_DOCS_SCREENSHOTS"):  # refresh the README's picture
+        if os.environ.get("SEQLORA_DOCS_SCREENSHOTS", "") not in ("", "0"):  # refresh the README's picture
             frame_group(page, "2. Train and save the concept")
             page.screenshot(path=str(ROOT / "docs" / "comfyui-panel.png"))
         # what the server sends when Cancel stops a training (operations.is_cancel → seqlora.stopped)
