@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from seqlora_core.app.images import IMAGE_SUFFIXES, load_images
+from seqlora_core.app.images import IMAGE_SUFFIXES, load_images_and_masks
 from seqlora_core.errors import InputError
 
 
@@ -35,8 +35,13 @@ def folder_path(input_dir: str, folder: str) -> Path:
     return path
 
 
-def load_folder(input_dir: str, folder: str, size: int, fit: str) -> torch.Tensor:
-    """ComfyUI IMAGE (N, size, size, 3) in [0, 1] of every image in the folder (sorted by name)."""
+def load_folder(input_dir: str, folder: str, size: int, fit: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI IMAGE (N, size, size, 3) in [0, 1] of every image in the folder (sorted by name), and
+    its MASK (N, size, size) as ComfyUI's Load Image gives it: 1 - alpha (1 where a PNG is
+    transparent, 0 for photos without transparency; ``pad``'s bars are 1 in a photo with
+    transparency)."""
     skipped: list[str] = []
-    pixels = load_images([folder_path(input_dir, folder)], size, warn=skipped.append, fit=fit)
-    return ((pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+    pixels, masks = load_images_and_masks([folder_path(input_dir, folder)], size, warn=skipped.append, fit=fit)
+    masks = torch.ones(len(pixels), size, size) if masks is None else masks
+    images = ((pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+    return images, (1 - masks).contiguous()

@@ -72,6 +72,15 @@ class TrainConcept(io.ComfyNode):
                                  tooltip="before training, one pass over the images forecasts how much of each "
                                          "concept in the bank the new one can disturb; after, the measured "
                                          "interference (in the panel and the forecast output)"),
+                # last, so that workflows saved before masks existed keep their widget values in place
+                io.Mask.Input("mask", optional=True,
+                              tooltip="train on the subject, not the background: one mask, or one per image, "
+                                      "read as mask_means says (Load Image's and Load Image Folder's MASK of a "
+                                      "PNG with a transparent background works as it is)"),
+                io.Combo.Input("mask_means", options=list(operations.MASK_MEANINGS),
+                               default=operations.MASK_MEANINGS[0], optional=True,
+                               tooltip="what a mask value of 1 marks: the background to ignore (ComfyUI's Load "
+                                       "Image: 1 where transparent) or the subject (segmentation nodes)"),
             ],
             outputs=[BasisBank.Output(display_name="bank", tooltip="the bank with the new concept appended"),
                      io.Model.Output(display_name="model", tooltip="the model with every concept of the bank applied"),
@@ -91,7 +100,7 @@ class TrainConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, token, init_word, bank=None, allow_other_base=False, sample_steps=20,
-                forecast=True, **setting_values):
+                forecast=True, mask=None, mask_means=operations.MASK_MEANINGS[0], **setting_values):
         import comfy.utils
 
         settings = train_settings(setting_values)
@@ -111,7 +120,7 @@ class TrainConcept(io.ComfyNode):
         try:
             new_bank, new_model, new_clip, curve, report = operations.train(
                 model, clip, vae, images, token, init_word, bank, settings, progress, allow_other_base,
-                forecast=bool(forecast), on_forecast=show_forecast)
+                forecast=bool(forecast), on_forecast=show_forecast, mask=mask, mask_means=mask_means)
         except BaseException as exc:
             send("seqlora.stopped", {"node": node, "step": last["step"], "total": steps,
                                      "state": "cancelled" if operations.is_cancel(exc) else "failed"})
@@ -141,7 +150,11 @@ class LoadImageFolder(io.ComfyNode):
                                    tooltip="crop: fill the square, cut the longer side; pad: keep the whole photo, "
                                            "grey bars; stretch: ignore the aspect ratio")],
             outputs=[io.Image.Output(display_name="images", tooltip="the photos as one IMAGE batch"),
-                     io.Int.Output(display_name="count", tooltip="how many photos were loaded")],
+                     io.Int.Output(display_name="count", tooltip="how many photos were loaded"),
+                     io.Mask.Output(display_name="mask",
+                                    tooltip="1 where a photo is transparent, like Load Image's MASK (0 for photos "
+                                            "without transparency): wire it to Train Concept's mask to train on "
+                                            "the subject only")],
         )
 
     @classmethod
@@ -158,8 +171,8 @@ class LoadImageFolder(io.ComfyNode):
 
         from .image_folder import load_folder
 
-        images = load_folder(_input_dir(), folder, size, fit)
-        return io.NodeOutput(images, images.shape[0], ui=ui.PreviewImage(images, cls=cls))
+        images, mask = load_folder(_input_dir(), folder, size, fit)
+        return io.NodeOutput(images, images.shape[0], mask, ui=ui.PreviewImage(images, cls=cls))
 
 
 def _input_dir() -> str:

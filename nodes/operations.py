@@ -314,6 +314,37 @@ def preview(model, clip, vae, token: str, resolution: int, steps: int, seed: int
 
     return sample_preview(model, clip, vae, f"a photo of {token}", resolution, steps, seed)
 
+# Train Concept's MASK input. ComfyUI's convention (Load Image's MASK is 1 - alpha, 1 where the PNG
+# is transparent; the mask editor paints what it erases): by default the mask marks the background,
+# so a photo with a transparent background trains on its subject, wired straight from Load Image or
+# Load Image Folder. Segmentation nodes give 1 on the subject: that is the other choice.
+MASK_MEANINGS = ("background (Load Image: transparent = 1)", "subject (segmentation: subject = 1)")
+
+
+def masks_to_weights(mask: torch.Tensor, image: torch.Tensor, resolution: int, meaning: str = MASK_MEANINGS[0]) -> torch.Tensor:
+    """ComfyUI MASK ((b, H, W) or (H, W), any size; one mask for every image or one per image) →
+    (N, R, R) training weights, 1 = subject, cropped like ``images_to_pixels`` crops the images."""
+    from PIL import Image
+
+    from seqlora_core.app.images import pil_to_mask
+
+    if meaning not in MASK_MEANINGS:
+        raise InputError(f"mask_means must be one of: {', '.join(MASK_MEANINGS)}.")
+    mask = mask.detach().float().cpu()
+    mask = mask[None] if mask.dim() == 2 else mask
+    n, h, w = image.shape[0], image.shape[1], image.shape[2]
+    if mask.dim() != 3 or len(mask) not in (1, n):
+        raise InputError(f"Give one mask, or one per image: {n} image(s), {len(mask)} mask(s).")
+    if meaning == MASK_MEANINGS[0]:
+        mask = 1 - mask
+    mask = torch.nn.functional.interpolate(mask[:, None], size=(h, w), mode="bilinear")[:, 0]
+    out = []
+    for m in mask.expand(n, h, w):
+        arr = (m.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        out.append(pil_to_mask(Image.fromarray(arr), resolution))  # uint8 (H, W): mode L
+    return torch.stack(out)
+
+
 def images_to_pixels(image: torch.Tensor, resolution: int) -> torch.Tensor:
     """ComfyUI IMAGE (b, H, W, 3) in [0, 1] → (b, 3, R, R) in [-1, 1], centre-cropped."""
     from PIL import Image
@@ -328,12 +359,15 @@ def images_to_pixels(image: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def train(model, clip, vae, image, token: str, init_word: str, bank: Bank | None, settings: TrainSettings,
-          progress=None, allow_other_base: bool = False, forecast: bool = False, on_forecast=None):
+          progress=None, allow_other_base: bool = False, forecast: bool = False, on_forecast=None,
+          mask=None, mask_means: str = MASK_MEANINGS[0]):
     """Train one concept inside ComfyUI; returns (bank, model, clip, loss curve IMAGE, report).
 
     With ``forecast`` the core's forecast (``method.forecast``: one pass over the images, before any
     step) is handed to ``on_forecast(text)`` before training, and ``report`` holds it followed by
-    the new concept's measured interference row and column; otherwise ``report`` is empty."""
+    the new concept's measured interference row and column; otherwise ``report`` is empty.
+    ``mask``: a ComfyUI MASK read as ``mask_means`` says (``masks_to_weights``); only the subject
+    is learned."""
     import comfy.model_management as mm
 
     from seqlora_core.app.interference_report import after_training_text, forecast_text
@@ -345,6 +379,7 @@ def train(model, clip, vae, image, token: str, init_word: str, bank: Bank | None
     if bank is not None:
         bank = check_bank_for(bank, model, allow_other_base)
     pixels = images_to_pixels(image, settings.resolution)
+    weights = None if mask is None else masks_to_weights(mask, image, settings.resolution, mask_means)
     host = ComfyHost(model, clip, vae)
     before = ""
     with host.training():
@@ -355,7 +390,8 @@ def train(model, clip, vae, image, token: str, init_word: str, bank: Bank | None
             if on_forecast is not None:
                 on_forecast(before)
         result = train_concept(host, start, pixels, token, init_word, settings, progress,
-                               should_stop=lambda: mm.throw_exception_if_processing_interrupted() or False)
+                               should_stop=lambda: mm.throw_exception_if_processing_interrupted() or False,
+                               masks=weights)
     new_model, new_clip = compose(model, clip, result.bank, [c.id for c in result.bank.concepts], {})
     curve = torch.from_numpy(loss_curve_image(result.losses).astype(np.float32) / 255.0).unsqueeze(0)
     report = before + "\n" + after_training_text(result.bank, result.concept.id, fc) if forecast else ""

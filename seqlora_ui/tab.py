@@ -28,7 +28,7 @@ from seqlora_core.bank.lock import BankSession
 from seqlora_core.settings import SETTINGS_BY_NAME, TRAINING_SETTINGS, Setting, train_settings
 from seqlora_core.errors import InputError, SeqLoRAError
 from seqlora_core.app.plot import loss_curve_image
-from seqlora_core.app.images import load_images
+from seqlora_core.app.images import load_images_and_masks
 from seqlora_core.bank.export import export_lora
 from seqlora_core.method.trainer import train_concept
 
@@ -183,7 +183,8 @@ class TabActions:
                 raise InputError("Upload at least one reference image.")
             settings = train_settings(dict(zip(SETTINGS_BY_NAME, setting_values)))
             session.resolution = settings.resolution
-            pixels = load_images([_path(f) for f in files], settings.resolution)
+            # a PNG with a transparent background trains on its subject only (its alpha is its mask)
+            pixels, masks = load_images_and_masks([_path(f) for f in files], settings.resolution)
             session.bank()  # a damaged bank is reported before anything starts
         except SeqLoRAError as exc:
             yield _error(exc), None, None
@@ -205,7 +206,7 @@ class TabActions:
                     host = session.host()  # inside the job: the model cannot change under the training
                     with getattr(host, "training", contextlib.nullcontext)():
                         result = train_concept(host, locked.bank, pixels, token, init_word, settings,
-                                               progress=progress, should_stop=session.stopping)
+                                               progress=progress, should_stop=session.stopping, masks=masks)
                     locked.commit(result.bank, what=f"the bank with {result.concept.token}")
                 events.put(("done", result))
             except Exception as exc:  # shown in the page; the bank file is untouched
@@ -376,7 +377,7 @@ def build_tab(session: TabSession):
         with gr.Tab("Train"):
             with gr.Row():
                 with gr.Column():
-                    files = gr.File(label="Reference images", file_count="multiple", elem_id="seqlora_images")
+                    files = gr.File(label="Reference images (a PNG's transparent background is left out of training)", file_count="multiple", elem_id="seqlora_images")
                     token = gr.Textbox(label="Token", value="<my-concept>", elem_id="seqlora_token")
                     init_word = gr.Textbox(label="Init word", value="object", elem_id="seqlora_init_word")
                     setting_widgets = setting_inputs(gr, session.resolution)

@@ -190,3 +190,27 @@ def test_train_in_half_precision_with_low_memory(photos, tmp_path):
     factors = list(concept.A.values()) + list(concept.B.values())
     assert all(t.dtype.is_floating_point and t.dtype.itemsize == 4 and t.isfinite().all() for t in factors)
     assert any(t.abs().max() > 0 for t in concept.A.values())
+
+
+def test_train_with_a_mask_folder(photos, tmp_path):
+    """--masks: one same-named mask per photo; a missing one is one sentence, bank untouched."""
+    import numpy as np
+    from PIL import Image
+
+    token = list(photos)[0]
+    files = sorted(photos[token].iterdir())
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    grey = np.zeros((64, 64), np.uint8)
+    grey[16:48, 16:48] = 255
+    for f in files[1:]:
+        Image.fromarray(grey).save(masks / (f.stem + ".png"))
+    bank = tmp_path / "m.safetensors"
+    proc = cli("train", "--bank", bank, "--base", "tiny", "--images", photos[token], "--masks", masks,
+               "--token", "<masked>", *QUICK, check=False)
+    assert_user_error(proc, "No mask for", files[0].name)
+    assert not bank.exists()
+    Image.fromarray(grey).save(masks / (files[0].stem + ".png"))
+    proc = cli("train", "--bank", bank, "--base", "tiny", "--images", photos[token], "--masks", masks,
+               "--token", "<masked>", *QUICK)
+    assert "trained <masked>" in proc.stdout

@@ -163,9 +163,10 @@ def test_image_folder_loads_photos_of_any_size(tmp_path):
     (photos / "notes.txt").write_text("not an image")
     (tmp_path / "empty").mkdir()
     assert image_folders(str(tmp_path)) == ["cat"]
-    crop = load_folder(str(tmp_path), "cat", 64, "crop")
+    crop, crop_mask = load_folder(str(tmp_path), "cat", 64, "crop")
     assert crop.shape == (2, 64, 64, 3) and 0 <= float(crop.min()) and float(crop.max()) <= 1
-    pad = load_folder(str(tmp_path), "cat", 64, "pad")
+    assert crop_mask.shape == (2, 64, 64) and float(crop_mask.abs().max()) == 0  # no transparency: nothing left out
+    pad, _ = load_folder(str(tmp_path), "cat", 64, "pad")
     assert abs(float(pad[0, 32, 0, 0]) - 127 / 255) < 0.01  # grey bar beside the tall photo (sorted: tall, wide)
     assert float(crop[1].min()) > 0.99  # the wide white photo cropped: no grey
     with pytest.raises(InputError):
@@ -178,3 +179,35 @@ def test_panel_shows_loss_and_fingerprint(stream_bank):
     data = panel_data(stream_bank)
     assert data["fingerprint"] == stream_bank.base["fingerprint"]
     assert all(isinstance(c["loss"], float) for c in data["concepts"])
+
+
+def test_folder_masks_follow_load_image_and_train_concept_reads_them_as_background(tmp_path):
+    """A PNG with a transparent background: Load Image Folder's MASK is 1 - alpha (ComfyUI's Load
+    Image convention), and Train Concept's default reading turns it into weight 1 on the subject."""
+    import numpy as np
+    from PIL import Image
+
+    from nodes.image_folder import load_folder
+    from nodes.operations import MASK_MEANINGS, masks_to_weights
+
+    (tmp_path / "mug").mkdir()
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., :3] = 180
+    rgba[16:48, 16:48, 3] = 255  # the subject, opaque in the middle
+    Image.fromarray(rgba).save(tmp_path / "mug" / "mug.png")
+    Image.fromarray(np.full((64, 64, 3), 40, np.uint8)).save(tmp_path / "mug" / "room.jpg")
+    images, mask = load_folder(str(tmp_path), "mug", 32, "crop")
+    assert mask.shape == (2, 32, 32)
+    assert float(mask[0, 16, 16]) == 0 and float(mask[0, 0, 0]) == 1  # 1 where transparent
+    assert float(mask[1].abs().max()) == 0  # the photo without alpha: nothing masked
+    weights = masks_to_weights(mask, images, 16)
+    assert weights.shape == (2, 16, 16)
+    assert float(weights[0, 8, 8]) > 0.99 and float(weights[0, 0, 0]) < 0.01 and float(weights[1].min()) == 1
+    subject = masks_to_weights(1 - mask, images, 16, MASK_MEANINGS[1])
+    assert torch.allclose(subject, weights)
+    # one mask for a whole batch, of another size (Load Image's 64×64 empty mask): broadcast, resized
+    assert float(masks_to_weights(torch.zeros(1, 64, 64), images, 16).min()) == 1
+    with pytest.raises(InputError, match="one per image"):
+        masks_to_weights(torch.zeros(3, 32, 32), images, 16)
+    with pytest.raises(InputError, match="mask_means"):
+        masks_to_weights(mask, images, 16, "whatever")

@@ -24,6 +24,20 @@ def test_pyproject_matches_the_code_and_requirements():
     assert "web" not in comfy  # WEB_DIRECTORY serves js/; both would load the extension twice
 
 
+def test_licence_is_apache_2_with_a_notice_of_shipped_third_party_data():
+    import hashlib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "Apache-2.0"
+    assert all((ROOT / f).is_file() for f in meta["project"]["license-files"])
+    # byte for byte the text published at https://www.apache.org/licenses/LICENSE-2.0.txt
+    assert hashlib.md5((ROOT / "LICENSE").read_bytes()).hexdigest() == "3b83ef96387f14655fc854ddc3c6bd57"
+    notice = (ROOT / "NOTICE").read_text()
+    shipped = [p for p in (ROOT / "seqlora_core" / "hosts" / "data").iterdir()]
+    assert shipped and all(f"seqlora_core/hosts/data/{p.name}" in notice for p in shipped)
+    assert "seqlora_core/hosts/configs" in notice
+
+
 def test_the_pack_needs_nothing_but_what_comfyui_ships():
     """Inside ComfyUI the pack imports no diffusers/transformers (standalone-only packages)."""
     assert not any(r.split(">")[0].split("=")[0].lower() in ("diffusers", "transformers", "torch")

@@ -50,7 +50,7 @@ def cmd_train(args) -> None:
     from ..bank.fingerprint import base_fingerprint
     from ..bank.lock import BankSession
     from ..bank.provenance import author_or_env
-    from .images import load_images
+    from .images import load_images_and_masks
     from ..method.trainer import new_bank, train_concept
 
     bank_path = Path(args.bank)
@@ -68,7 +68,7 @@ def cmd_train(args) -> None:
         given = {s.name: getattr(args, s.name) for s in TRAINING_SETTINGS}
         settings = train_settings({**given, "eps": bank.eps,
                                    "resolution": args.resolution or default_resolution(host)})
-        pixels = load_images(args.images, settings.resolution)
+        pixels, masks = load_images_and_masks(args.images, settings.resolution, mask_dir=args.masks)
         forecast = None
         if args.forecast or args.forecast_only:
             forecast = print_forecast(host, bank, pixels, args.token, args.init_word, settings)
@@ -84,7 +84,7 @@ def cmd_train(args) -> None:
 
         try:
             result = train_concept(host, bank, pixels, args.token, args.init_word, settings, progress,
-                                   author=author_or_env(args.author))
+                                   author=author_or_env(args.author), masks=masks)
         finally:
             for bar in bars:
                 bar.close()
@@ -309,6 +309,10 @@ def _add_train(sub) -> None:
     t.add_argument("--bank", required=True)
     _host_args(t, with_resolution=False)
     t.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
+    t.add_argument("--masks", default=None, metavar="DIR",
+                   help="a folder with one mask per image, same file name (photo.jpg -> photo.png; white or "
+                        "opaque = subject): only the subject is learned. Without it a PNG's transparency is "
+                        "its mask")
     t.add_argument("--token", required=True, help='e.g. "<astro>"')
     t.add_argument("--init-word", default="object")
     add_setting_flags(t)

@@ -10,6 +10,10 @@ While a concept trains, every earlier concept of the bank is applied (the model 
 accumulates), and the new basis is kept in the null space of the earlier ones' bases. The bank
 object passed in is never modified: a new Bank is returned, so a failed or interrupted run
 changes nothing.
+
+Masks (optional, one per image, 1 = subject): the loss is the mask-weighted squared error,
+normalised by the mask's mass, so the background of a photo teaches nothing (as Mix-of-Show
+does) and a mask of ones gives the plain MSE.
 """
 from __future__ import annotations
 
@@ -94,12 +98,38 @@ def noisy_batch(latents: Tensor, alphas_cumprod: Tensor, idx: Tensor, noise: Ten
     return ac.sqrt() * latents[idx] + (1 - ac).sqrt() * noise
 
 
+def masked_mse(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean squared error (float32); with ``weight`` (B, 1, h, w) in [0, 1] the weighted sum over
+    the weight's mass (times the channels): a weight of ones is the plain mean, a weight of 0
+    gives that latent pixel no gradient."""
+    if weight is None:
+        return F.mse_loss(pred.float(), target.float())
+    weight = weight.float().expand_as(pred)
+    return ((pred.float() - target.float()) ** 2 * weight).sum() / weight.sum()
+
+
+def latent_masks(masks: Tensor, n_images: int, latent_hw: tuple[int, int]) -> Tensor:
+    """(N, H, W) masks in [0, 1] (1 = subject) → (2N, 1, h, w) on the latent grid (area average),
+    mirrored like ``encode_dataset``'s images; one sentence for a wrong count, range or empty mask."""
+    if masks.dim() != 3 or len(masks) != n_images:
+        raise InputError(f"Give one mask per image: {n_images} image(s), masks of shape {tuple(masks.shape)}.")
+    masks = masks.detach().float().cpu()
+    if not torch.isfinite(masks).all() or masks.min() < 0 or masks.max() > 1:
+        raise InputError("Masks must hold values between 0 and 1 (1 marks the subject).")
+    small = F.adaptive_avg_pool2d(masks[:, None], latent_hw)
+    empty = [i + 1 for i, m in enumerate(small) if float(m.sum()) <= 0]
+    if empty:
+        raise InputError(f"The mask of image {empty[0]} marks nothing to train on (it is empty).")
+    return torch.cat([small, small.flip(-1)])
+
+
 def denoising_loss(host: Host, noisy: Tensor, noise: Tensor, t: Tensor, prompts: list[str],
-                   embeddings: dict[str, Tensor]) -> Tensor:
-    """The ε-prediction loss of SD-1.5 (mean squared error, float32)."""
+                   embeddings: dict[str, Tensor], weight: Tensor | None = None) -> Tensor:
+    """The ε-prediction loss of SD-1.5 (mean squared error, float32; mask-weighted when
+    ``weight`` (B, 1, h, w) is given, see ``masked_mse``)."""
     cond = host.encode_text(prompts, embeddings)
     pred = host.predict_noise(noisy, t.to(host.device), cond)
-    return F.mse_loss(pred.float(), noise.float())
+    return masked_mse(pred, noise, weight)
 
 
 def twice_differentiable(host: Host, checkpointing: BlockCheckpointing | None = None, slice_queries: int = 0
@@ -151,8 +181,10 @@ def failure_message(host: Host, step: int, loss: float, scale: float) -> str:
 
 def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, init_word: str,
                   settings: TrainSettings, progress: Callable[[int, int, float], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None, author: str | None = None) -> TrainResult:
-    """Learn one concept from ``pixels`` ((N, 3, R, R) in [-1, 1]) and return the extended bank."""
+                  should_stop: Callable[[], bool] | None = None, author: str | None = None,
+                  masks: Tensor | None = None) -> TrainResult:
+    """Learn one concept from ``pixels`` ((N, 3, R, R) in [-1, 1]) and return the extended bank.
+    ``masks`` (N, R, R) in [0, 1], 1 = subject: only the subject is learned (None: whole images)."""
     start = time.time()
     fingerprint = base_fingerprint(host.linear_layers())
     bank = bank if bank is not None else new_bank(host, settings.eps)
@@ -191,6 +223,7 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
     solver = BilevelSolver(a0, b0, [emb0], project, cfg, context, LossScale(getattr(host, "dtype", torch.float32)))
 
     latents = encode_dataset(host, pixels)
+    weights = None if masks is None else latent_masks(masks, len(pixels), tuple(latents.shape[-2:])).to(dev)
     alphas = host.alphas_cumprod()
     hook_layers = {n: all_layers[n] for n in set(names) | set(bank.layer_shapes()) if n in all_layers}
     losses: list[float] = []
@@ -217,7 +250,8 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
                 if should_stop is not None and should_stop():
                     raise Interrupted("Training was interrupted; the bank was left as it was.")
                 hooks.bind(dict(zip(names, a)), dict(zip(names, b)))
-                loss = denoising_loss(host, noisy, noise, t, prompts, {token: embedding[0]})
+                loss = denoising_loss(host, noisy, noise, t, prompts, {token: embedding[0]},
+                                      None if weights is None else weights[idx.to(dev)])
                 stats.armed = False  # the minibatch's later passes see the same inputs
                 return loss
 

@@ -30,7 +30,8 @@ EXAMPLES = {
         "note": "Add the next concept to a bank you already have: load it, train on a folder of photos, save over "
                 "the same file (overwrite). Every earlier concept stays exactly as it was.\n\nChange: the checkpoint "
                 "(the one the bank was trained on), the photo folder (put the photos in ComfyUI/input/<name>/), "
-                "the token and init word.",
+                "the token and init word. PNGs with a transparent background train on the subject only (the "
+                "folder's mask).",
         "groups": [("1. Model, bank and photos", ["1", "2", "3"]), ("2. Train the next concept and save", ["4", "5", "6", "7", "8"])]},
     "regional_sketch_keypose": {
         "note": "Two concepts of my_concepts.safetensors (made by train_compose and train_next_concept) in two "

@@ -218,3 +218,43 @@ def test_training_weights_alias_comfys_instead_of_cloning_them(comfy_importable,
     print(f"\nweights swapped {weights_mb:.0f} MiB; resident growth entering training(): {grown:.0f} MiB "
           f"(aliases); cloning them instead: +{cloned:.0f} MiB")
     assert grown < 0.05 * weights_mb and cloned > 0.8 * weights_mb
+
+
+def test_train_on_the_subject_of_transparent_photos(comfy_server, comfy_path):
+    """Load Image Folder's MASK (1 - alpha, like Load Image's) wired to Train Concept's mask: the
+    run succeeds; a photo that is transparent everywhere is refused in one sentence."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    folder = comfy_path / "input" / f"pytest_masked_{os.getpid()}"
+    folder.mkdir()
+    rgba = np.zeros((96, 96, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1] = 220, 90
+    rgba[24:72, 24:72, 3] = 255  # the subject, opaque; the background transparent
+    Image.fromarray(rgba).save(folder / "a.png")
+    Image.fromarray(np.roll(rgba, 10, axis=1)).save(folder / "b.png")
+
+    def workflow(seed):
+        train = quick_example_workflow("unused.png", "unused")["3"]  # every setting the example gives
+        train["inputs"].update(images=["2", 0], mask=["2", 2], token="<masked>", init_word="mug", steps=1,
+                               bilevel_iters=1, sample_steps=0, seed=seed)
+        return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+                "2": {"class_type": "SeqLoRALoadImageFolder", "inputs": {"folder": folder.name, "size": 64, "fit": "crop"}},
+                "3": train,
+                "4": {"class_type": "SeqLoRABasisBankInfo", "inputs": {"bank": ["3", 0]}}}
+
+    try:
+        entry = run_workflow(comfy_server, workflow(0))
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+        assert "<masked>" in entry["outputs"]["4"]["text"][0]
+        blank = rgba.copy()
+        blank[..., 3] = 0
+        Image.fromarray(blank).save(folder / "c.png")  # nothing opaque: nothing to learn
+        entry = run_workflow(comfy_server, workflow(1))
+        assert entry["status"]["status_str"] == "error"
+        error = [m for m in entry["status"]["messages"] if m[0] == "execution_error"][0][1]
+        assert "marks nothing to train on" in error["exception_message"], error["exception_message"]
+    finally:
+        shutil.rmtree(folder)

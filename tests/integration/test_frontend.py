@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,25 @@ from .helpers import CKPT_NAME, ROOT
 
 QUICK = {"SeqLoRATrainConcept": {"steps": 2, "bilevel_iters": 1, "resolution": 64, "sample_steps": 1},
          "EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}}
+
+
+def frame_group(page, title: str) -> None:
+    """Move the canvas so the group ``title`` fills the view (the minimap hidden), in a page tall
+    enough for it at full scale (below 0.6 the canvas draws nodes without their text)."""
+    page.set_viewport_size({"width": 1400, "height": 1750})
+    page.wait_for_timeout(500)
+    page.evaluate("""async (title) => {
+        try { await window.app.extensionManager.setting.set('Comfy.Minimap.Visible', false); } catch (e) {}
+        const group = window.app.graph._groups.find(g => g.title === title);
+        const [x, y, w, h] = group._bounding ? [...group._bounding] : [...group.bounding];
+        const canvas = window.app.canvas, el = canvas.canvas, margin = 30;
+        const width = el.clientWidth, height = el.clientHeight;
+        const scale = Math.min(1, (width - 2 * margin) / w, (height - 2 * margin) / h);
+        canvas.ds.scale = scale;
+        canvas.ds.offset = [(width / scale - w) / 2 - x, (height / scale - h) / 2 - y];
+        canvas.setDirty(true, true);
+    }""", title)
+    page.wait_for_timeout(1000)
 
 
 def test_panel_renders_and_follows_training(comfy_server, comfy_path, photo):
@@ -52,6 +72,9 @@ def test_panel_renders_and_follows_training(comfy_server, comfy_path, photo):
         assert not overlapping(node_rectangles(page))  # after a run too (the loss curve once covered Info)
         (ROOT / "out").mkdir(exist_ok=True)
         page.screenshot(path=str(ROOT / "out" / "comfyui-seqlora-panel.png"))
+        if os.environ.get("SEQLORA_DOCS_SCREENSHOTS", "") not in ("", "0"):  # refresh the README's picture
+            frame_group(page, "2. Train and save the concept")
+            page.screenshot(path=str(ROOT / "docs" / "comfyui-panel.png"))
         # what the server sends when Cancel stops a training (operations.is_cancel → seqlora.stopped)
         train_id = page.evaluate("() => window.app.graph._nodes.find(n => n.type === 'SeqLoRATrainConcept').id")
         page.evaluate("""(id) => window.comfyAPI.api.api.dispatchCustomEvent('seqlora.stopped',
