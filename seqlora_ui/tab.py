@@ -252,7 +252,8 @@ class TabActions:
             if not files:
                 raise InputError("Upload at least one reference image.")
             settings = train_settings(dict(zip(SETTINGS_BY_NAME, setting_values)))
-            pixels = load_images([_path(f) for f in files], settings.resolution)
+            # masks weight the loss, not the activations the forecast reads
+            pixels, _ = load_images_and_masks([_path(f) for f in files], settings.resolution)
             bank = session.bank()
             with session.job():  # the host's GPU lock: the model cannot change under the pass
                 host = session.host()

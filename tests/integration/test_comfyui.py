@@ -217,7 +217,9 @@ def test_training_weights_alias_comfys_instead_of_cloning_them(comfy_importable,
     assert all(a is b for a, b in zip(tensors(), weights))  # the originals are back
     print(f"\nweights swapped {weights_mb:.0f} MiB; resident growth entering training(): {grown:.0f} MiB "
           f"(aliases); cloning them instead: +{cloned:.0f} MiB")
-    assert grown < 0.05 * weights_mb and cloned > 0.8 * weights_mb
+    # the clones show as resident memory (with glibc's defaults ~75 % of them: small tensors reuse
+    # freed heap; all of them with MALLOC_MMAP_THRESHOLD_=65536), the aliases do not
+    assert grown < 0.05 * weights_mb and cloned > 0.5 * weights_mb
 
 
 def test_train_on_the_subject_of_transparent_photos(comfy_server, comfy_path):
