@@ -39,6 +39,11 @@ class Fingerprint(str):
         self.sketch = tuple(sketch)
         return self
 
+    @classmethod
+    def recorded(cls, base: Mapping) -> "Fingerprint":
+        """The fingerprint a bank's ``base`` record holds (digest and sketch), to compare two banks."""
+        return cls(base.get("fingerprint") or "", base.get("sketch") or ())
+
     def base_fields(self) -> dict:
         """What a bank made on this base records in ``Bank.base`` (besides its architecture)."""
         return {"fingerprint": str(self), "sketch": list(self.sketch)}

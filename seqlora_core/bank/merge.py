@@ -59,12 +59,14 @@ def parse_renames(items: list[str]) -> dict[str, str]:
 def _check_bases(banks: list[Bank], names: list[str]) -> None:
     first = banks[0].base
     for bank, name in zip(banks[1:], names[1:]):
-        theirs = Fingerprint(bank.base.get("fingerprint") or "", bank.base.get("sketch") or ())
-        for key in ("architecture", "fingerprint"):
-            same = bank.base.get(key) == first.get(key) or (key == "fingerprint" and same_base(first, theirs))
-            if not same:
-                raise BankError(f"{name} was made for another base model than {names[0]} ({key} "
-                                f"{bank.base.get(key)} vs {first.get(key)}); only banks of one base merge.")
+        if bank.base.get("architecture") != first.get("architecture"):
+            key = "architecture"
+        elif not same_base(first, Fingerprint.recorded(bank.base)):
+            key = "fingerprint"
+        else:
+            continue
+        raise BankError(f"{name} was made for another base model than {names[0]} ({key} "
+                        f"{bank.base.get(key)} vs {first.get(key)}); only banks of one base merge.")
 
 
 def _renamed(concept: Concept, new_id: str) -> Concept:

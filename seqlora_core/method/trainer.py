@@ -31,7 +31,7 @@ from ..bank.format import Bank, Concept
 from ..settings import CONSTRAINED_METHODS, MEMORY_LEVERS, TrainSettings, train_settings
 from .bilevel import BilevelConfig, BilevelSolver
 from ..errors import CapacityError, InputError, SeqLoRAError
-from ..bank.fingerprint import base_fingerprint
+from ..bank.fingerprint import Fingerprint, base_fingerprint
 from ..hosts.protocol import Host
 from .activation_stats import ActivationStats
 from .attention_slicing import SlicedAttention
@@ -78,8 +78,10 @@ class TrainResult:
     loss_scale: float = 1.0  # the fp16 loss scale at the end (1 in fp32 / bf16)
 
 
-def new_bank(host: Host, eps: float = 1e-8) -> Bank:
-    return Bank({"architecture": host.architecture(), **base_fingerprint(host.linear_layers()).base_fields()}, eps)
+def new_bank(host: Host, eps: float = 1e-8, fingerprint: Fingerprint | None = None) -> Bank:
+    """An empty bank for the host's base (``fingerprint``: the base's, when the caller has it)."""
+    fingerprint = fingerprint or base_fingerprint(host.linear_layers())
+    return Bank({"architecture": host.architecture(), **fingerprint.base_fields()}, eps)
 
 
 def encode_latents(host: Host, pixels: Tensor, chunk: int = 4) -> Tensor:
@@ -187,7 +189,7 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
     ``masks`` (N, R, R) in [0, 1], 1 = subject: only the subject is learned (None: whole images)."""
     start = time.time()
     fingerprint = base_fingerprint(host.linear_layers())
-    bank = bank if bank is not None else new_bank(host, settings.eps)
+    bank = bank if bank is not None else new_bank(host, settings.eps, fingerprint)
     bank.check_base(host.architecture(), fingerprint)
     ident = bank.check_new_token(token)
     token = f"<{ident}>" if not token.startswith("<") else token
