@@ -5,10 +5,13 @@ Runs on the CPU in seconds, on the small problems of ``tests/test_linear_identit
 
 D1  the A step from A⁺ (ours) against DESIGN's A step from A: the reduced objective after the
     same number of iterations;
-D2  the ``paper`` hypergradient against the exact derivative of the T-step F(B) (finite
-    differences, and the ``unrolled`` gradient), for T = 1, 2, 3; and what either does to
-    training: F after the same number of iterations;
-D3  the inner α calibrated once (ours) against α re-calibrated on every iteration.
+D2  the ``truncated`` (default) and ``paper`` hypergradients against the exact derivative of
+    the T-step F(B) (finite differences, and the ``unrolled`` gradient), for T = 1, 2, 3, on
+    the two-layer problem at two inner step sizes; and what each does to training: F after the
+    same number of iterations;
+D3  with Adam, the inner α of the ``trust-region`` rule (default since issue 17) against the
+    rule before it (``calibrated-once``) and against α re-calibrated from each iteration's
+    gradient alone.
 
     python bench/deviations.py            # prints a table, writes bench/results/deviations.json
 """
@@ -44,6 +47,9 @@ class Recalibrated(BilevelSolver):
         return super().iterate(loss_fn)
 
 
+MODES = ("truncated", "paper", "unrolled")
+
+
 def directional(grad, d):
     return sum(float((g * x).sum()) for g, x in zip(grad, d))
 
@@ -52,7 +58,7 @@ def d2_gradient_error(steps: int, alpha=0.05) -> dict:
     loss, A, B, g = two_layer_problem(seed=1)
     out = {}
     grads = {}
-    for mode in ("paper", "unrolled"):
+    for mode in MODES:
         cfg = BilevelConfig(method="seqlora", inner_steps=steps, lr_a=alpha, lr_b=0.0, optimizer="sgd", hypergradient=mode)
         grads[mode] = BilevelSolver(A, B, [], lambda v: list(v), cfg).hypergradient(loss)[0]
     errs = []
@@ -64,9 +70,10 @@ def d2_gradient_error(steps: int, alpha=0.05) -> dict:
         errs.append({m: abs(directional(grads[m], d) - fd) / abs(fd) for m in grads})
     for m in grads:
         out[f"{m}_vs_finite_difference_median"] = sorted(e[m] for e in errs)[len(errs) // 2]
-    num = sum(float((p - u).norm() ** 2) for p, u in zip(grads["paper"], grads["unrolled"])) ** 0.5
     den = sum(float(u.norm() ** 2) for u in grads["unrolled"]) ** 0.5
-    out["paper_vs_unrolled_relative"] = num / den
+    for m in ("truncated", "paper"):
+        num = sum(float((p - u).norm() ** 2) for p, u in zip(grads[m], grads["unrolled"])) ** 0.5
+        out[f"{m}_vs_unrolled_relative"] = num / den
     return out
 
 
@@ -91,15 +98,17 @@ def train(problem: str, solver_cls=BilevelSolver, iterations=200, **cfg_kw) -> f
 
 def main() -> None:
     torch.set_default_dtype(torch.float64)
-    result = {"D2_gradient": {f"T={t}": d2_gradient_error(t) for t in (1, 2, 3)}}
+    result = {f"D2_gradient_alpha={a}": {f"T={t}": d2_gradient_error(t, a) for t in (1, 2, 3)} for a in (0.05, 0.2)}
     for problem in ("two-layer", "covariance"):
         result[f"D1_{problem}"] = {n: {"final_L": train(problem, cls, it)} for n, cls in
                                    (("from_A_plus (ours)", BilevelSolver), ("from_A (DESIGN)", FromA))
                                    for it in [100]}
-        result[f"D2_{problem}"] = {m: {"final_L": train(problem, hypergradient=m)} for m in ("paper", "unrolled")}
+        result[f"D2_{problem}"] = {m: {"final_L": train(problem, hypergradient=m)} for m in MODES}
     # D3 only differs for Adam: the covariance problem
-    result["D3_covariance"] = {n: {"final_L": train("covariance", cls)} for n, cls in
-                               (("calibrated once (ours)", BilevelSolver), ("every iteration", Recalibrated))}
+    result["D3_covariance"] = {
+        "trust-region (ours)": {"final_L": train("covariance")},
+        "calibrated once (before issue 17)": {"final_L": train("covariance", inner_rule="calibrated-once")},
+        "every iteration, own gradient": {"final_L": train("covariance", Recalibrated, inner_rule="calibrated-once")}}
     for key, rows in result.items():
         print(key)
         for name, row in rows.items():

@@ -51,7 +51,7 @@ from _memory import PeakMemory  # noqa: E402
 from forgetting_report import update_results_md, write_plot  # noqa: E402
 
 from seqlora_core.app.demo import STREAM, write_photos  # noqa: E402
-from seqlora_core.app.evaluate import concept_loss, crosstalk  # noqa: E402
+from seqlora_core.app.evaluate import concept_loss, crosstalk, residual_size  # noqa: E402
 from seqlora_core.app.images import load_images  # noqa: E402
 from seqlora_core.errors import SeqLoRAError  # noqa: E402
 from seqlora_core.hosts.diffusers_host import DiffusersHost  # noqa: E402
@@ -96,6 +96,8 @@ def run_stream(host, args, method: str, preset: str, seed: int, stream, pixels) 
     final = [forgetting[i][n - 1] for i in range(n - 1)]
     cross = crosstalk(host, bank, pixels)
     off_diagonal = [v for row in cross["matrix"] for v in row if v is not None]
+    off_diagonal_abs = [v for row in cross["matrix_abs"] for v in row if v is not None]
+    sizes = [residual_size(bank, c.id) for c in bank.concepts]
     inter = bank_interference(bank)  # from the statistics stored with each concept
     inter_values = [v for row in inter.matrix for v in row if v is not None]
     return {
@@ -107,6 +109,9 @@ def run_stream(host, args, method: str, preset: str, seed: int, stream, pixels) 
         "composition_loss": statistics.fmean(losses[n - 1]),
         "crosstalk": cross,
         "crosstalk_other_prompts": statistics.fmean(off_diagonal) if off_diagonal else 0.0,
+        "crosstalk_other_prompts_abs": statistics.fmean(off_diagonal_abs) if off_diagonal_abs else 0.0,
+        "residual_sizes": sizes, "residual_norm": statistics.fmean(s["norm"] for s in sizes),
+        "residual_max_entry": max(s["max_entry"] for s in sizes),
         "crosstalk_neutral_prompt": statistics.fmean(cross["neutral"]),
         "composition_drift": statistics.fmean(cross["composition"]),
         "interference": {"matrix": inter.matrix, "missing_stats": inter.missing_stats},
@@ -117,6 +122,7 @@ def run_stream(host, args, method: str, preset: str, seed: int, stream, pixels) 
 
 
 SUMMARY_KEYS = ("mean_forgetting", "worst_forgetting", "own_loss", "composition_loss", "crosstalk_other_prompts",
+                "crosstalk_other_prompts_abs", "residual_norm", "residual_max_entry",
                 "crosstalk_neutral_prompt", "composition_drift", "interference_mean", "seconds_per_concept",
                 "peak_memory_mb")
 

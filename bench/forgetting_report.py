@@ -150,25 +150,33 @@ def markdown(result: dict, json_name: str, section: str = "forgetting") -> str:
              f"lr {s['lr_a']:g}/{s['lr_b']:g}/{s['lr_embedding']:g}; seeds {seeds} (± = spread over seeds); "
              f"{result['seconds_total'] / 60:.0f} min in all.", "",
              "| targets | method | mean forgetting | worst forgetting | composition loss | crosstalk: other concepts' prompts | "
+             "crosstalk, absolute | ‖ΔW‖ per concept | largest ΔW entry | "
              "crosstalk: prompt without the token | composition drift | interference (stored statistics) | s / concept | "
              "peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset, methods in result["summary"].items():
         for method, v in methods.items():
             lines.append(f"| {preset} | {method} | {_cell(v['mean_forgetting'], '+.5f')} | "
                          f"{_cell(v['worst_forgetting'], '+.5f')} | {_cell(v['composition_loss'], '.5f')} | "
-                         f"{_cell(v['crosstalk_other_prompts'], '.3f')} | {_cell(v['crosstalk_neutral_prompt'], '.3f')} | "
+                         f"{_cell(v['crosstalk_other_prompts'], '.3f')} | "
+                         + " | ".join(_cell(v[k], f) if k in v else "-" for k, f in
+                                      (("crosstalk_other_prompts_abs", ".4f"), ("residual_norm", ".3g"),
+                                       ("residual_max_entry", ".3g")))
+                         + f" | {_cell(v['crosstalk_neutral_prompt'], '.3f')} | "
                          f"{_cell(v['composition_drift'], '.3f')} | "
                          f"{_cell(v['interference_mean'], '.4f') if 'interference_mean' in v else '-'} | "
                          f"{_cell(v['seconds_per_concept'], '.1f')} | "
                          f"{_cell(v['peak_memory_mb'], '.0f')} |")
     for f in result.get("failed", []):
-        lines.append(f"| {f['preset']} | {f['method']} (seed {f['seed']}) | failed: {f['error']} | | | | | | | | |")
+        lines.append(f"| {f['preset']} | {f['method']} (seed {f['seed']}) | failed: {f['error']} | | | | | | | | | | | |")
     lines += ["", "Forgetting: a concept's denoising loss (fixed images, noise and timesteps) after the whole stream "
               "minus right after its own training, over every concept but the last. Composition loss: mean loss of "
               "every concept with all applied. Crosstalk: how far one concept alone moves the noise prediction of "
               "another concept's prompt, or of the prompt \"a photo of a <init word>\", relative to how far it moves "
-              "its own prompt (token embeddings registered in every case: the residuals' effect); composition drift: "
+              "its own prompt (token embeddings registered in every case: the residuals' effect); crosstalk, "
+              "absolute: the same move on other concepts' prompts as an RMS per element of the prediction (the noise "
+              "has RMS 1); ‖ΔW‖: √Σ‖A·Bᵀ‖²_F over a concept's layers, mean over concepts; largest ΔW entry: over "
+              "every concept and layer (fp16 ends at 65504); composition drift: "
               "all the others together on a concept's prompt, same scale. 0 = no bleeding. Interference: mean "
               "off-diagonal entry of `bank interference` on the final bank (energy of one concept's residual on "
               "another's layer inputs relative to the latter's own, from the stored activation statistics).", "",

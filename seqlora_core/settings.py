@@ -91,14 +91,15 @@ TRAINING_SETTINGS: tuple[Setting, ...] = (
     Setting("optimizer", str, "adam", "Optimizer", "adam, or sgd for the paper's plain gradient steps",
             choices=("adam", "sgd"), advanced=True),
     Setting("hypergradient", str, "paper", "Hypergradient",
-            "paper: the cross-Hessian term of the first inner step (DESIGN §3); unrolled: back-propagate "
-            "through all T inner steps", choices=("paper", "unrolled"), advanced=True),
+            "truncated: the cross-Hessian term of the last inner step (back-propagation through it); "
+            "paper: of the first inner step, as published (DESIGN §3); unrolled: back-propagate through all "
+            "T inner steps (T twice-differentiated passes)", choices=("truncated", "paper", "unrolled"), advanced=True),
     Setting("targets", str, "default", "Target layers",
             "default | unet-cross (no text encoder) | full | comma-separated regular expressions over layer names", advanced=True),
     Setting("memory", str, "default", "Memory",
             "low: build the twice-differentiated graph only after A⁺ is known, so it is never held while "
             "other passes run (lower peak, one extra forward and backward per iteration; seqlora with the "
-            "paper hypergradient); checkpoint: recompute the UNet blocks' activations of that pass in its "
+            "truncated or paper hypergradient); checkpoint: recompute the UNet blocks' activations of that pass in its "
             "backward instead of keeping them (same gradients, more compute); slice: that pass computes "
             "attention 1024 queries at a time (lower transient peak at 512 px); levers combine with +",
             choices=MEMORY_MODES, advanced=True),

@@ -74,6 +74,12 @@ def test_batched_projection_equals_each_layers_projection():
     g = torch.Generator().manual_seed(1)
     projectors = [NullSpaceProjector(12, [torch.randn(12, 3, generator=g)]) for _ in range(3)]
     projectors.append(NullSpaceProjector(12, [torch.randn(12, 3, generator=g), torch.randn(12, 3, generator=g)]))
+    # inside a lease (bank.projector of a lease file): the block U alone (its first concept),
+    # twice so that they share a batch, and U with an earlier concept of the lease inside span(U)
+    blocks = [torch.linalg.qr(torch.randn(12, 6, generator=g, dtype=torch.float64))[0] for _ in range(3)]
+    projectors += [NullSpaceProjector(12, within=u) for u in blocks[:2]]
+    projectors.append(NullSpaceProjector(12, [blocks[2] @ torch.randn(6, 2, generator=g, dtype=torch.float64)],
+                                         within=blocks[2]))
     projectors.append(NullSpaceProjector(8))  # an empty layer: P = I
     vs = [torch.randn(p.in_features, 2, generator=g, dtype=torch.float32) for p in projectors]
     batched = BatchedProjection(projectors)(vs)
@@ -81,3 +87,7 @@ def test_batched_projection_equals_each_layers_projection():
         assert out.dtype == v.dtype and torch.allclose(out, p.project(v), atol=1e-6, rtol=0)
     assert not torch.allclose(batched[0], vs[0])  # the projection does something
     assert torch.equal(batched[-1], vs[-1])
+    for u, out in zip(blocks, batched[4:7]):  # the lease's projections stay in its block
+        assert float((out.double() - u @ (u.T @ out.double())).norm()) < 1e-6 * float(out.norm())
+    leased = batched[6].double()  # and off the lease's earlier concept
+    assert float((projectors[6]._basis.T @ leased).norm()) < 1e-6 * float(leased.norm())

@@ -108,8 +108,9 @@ def run(tiny, checkpoint: str | None, hypergradient="paper", low_memory=False, o
             "A step": [a - a_0 for a, a_0 in zip(solver.a, a0)]}, forwards
 
 
-@pytest.mark.parametrize("hypergradient,low_memory", [("paper", False), ("paper", True), ("unrolled", False)],
-                         ids=["paper", "low", "unrolled"])
+@pytest.mark.parametrize("hypergradient,low_memory", [("truncated", False), ("truncated", True), ("paper", False),
+                                                      ("paper", True), ("unrolled", False)],
+                         ids=["truncated", "truncated-low", "paper", "low", "unrolled"])
 def test_checkpointed_pass_gives_the_same_gradients_and_steps(tiny, fp32_tiny, hypergradient, low_memory):
     dtype = tiny[0]
     reference, plain_forwards = run(tiny, None, hypergradient, low_memory)

@@ -175,9 +175,10 @@ def tiny_problem(dtype):
     return host, loss_fn, a0, b0, [host.init_embedding("cat")], hooks
 
 
-def tiny_iteration(dtype):
+def tiny_iteration(dtype, hypergradient="truncated"):
     host, loss_fn, a0, b0, emb0, hooks = tiny_problem(dtype)
-    cfg = BilevelConfig(method="seqlora", inner_steps=2, lr_a=1e-3, lr_b=1e-3, lr_embedding=1e-3, optimizer="sgd")
+    cfg = BilevelConfig(method="seqlora", inner_steps=2, lr_a=1e-3, lr_b=1e-3, lr_embedding=1e-3, optimizer="sgd",
+                        hypergradient=hypergradient)
     with hooks:
         solver = BilevelSolver(a0, b0, emb0, lambda v: list(v), cfg, twice_differentiable(host), LossScale(dtype))
         solver.iterate(loss_fn)
@@ -189,13 +190,19 @@ def tiny_iteration(dtype):
 
 @pytest.fixture(scope="module")
 def tiny_reference():
-    return tiny_iteration(torch.float32)
+    return {h: tiny_iteration(torch.float32, h) for h in ("truncated", "paper")}
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-2), (torch.bfloat16, 0.15)])
-def test_tiny_half_precision_iteration_matches_fp32(tiny_reference, dtype, tol):
-    steps = tiny_iteration(dtype)
-    for key, ref in tiny_reference.items():
+# bf16 keeps 8 bits: on this random model the B step of ``truncated`` is 17 % off fp32 against
+# ``paper``'s 5 %. The difference is where the first inner step's gradient comes from: ``paper``
+# takes it from the twice-differentiated pass (fp32 normalisation), ``truncated`` from a plain
+# bf16 pass (A⁺ 4e-5 off fp32 against 9e-6), and ∇_B L(A⁺) is sensitive to it here; the
+# cross-Hessian term itself is 0.2 % of the step. fp16 (10 bits): 1.6 % and 1.8 %.
+@pytest.mark.parametrize("hypergradient,dtype,tol", [("truncated", torch.float16, 3e-2), ("paper", torch.float16, 3e-2),
+                                                     ("truncated", torch.bfloat16, 0.25), ("paper", torch.bfloat16, 0.15)])
+def test_tiny_half_precision_iteration_matches_fp32(tiny_reference, hypergradient, dtype, tol):
+    steps = tiny_iteration(dtype, hypergradient)
+    for key, ref in tiny_reference[hypergradient].items():
         assert all(torch.isfinite(t).all() for t in steps[key]), key
         print(dtype, key, rel(steps[key], ref))
         assert rel(steps[key], ref) < tol, (key, rel(steps[key], ref))

@@ -63,17 +63,48 @@ def concept_loss(host: Host, bank: Bank, token: str, pixels: Tensor, applied: li
     return float(((pred - noise) ** 2).mean())
 
 
-def output_drift(host: Host, bank: Bank, token: str, pixels: Tensor, own: list[str]) -> float:
-    """How far the concepts outside ``own`` move ``token``'s noise prediction, relative to how far
-    ``own`` moved it from the base: ‖ε̂(all) − ε̂(own)‖ / ‖ε̂(own) − ε̂(none)‖. 0 = no bleeding."""
+def drift_figures(host: Host, bank: Bank, token: str, pixels: Tensor, own: list[str]) -> dict[str, float]:
+    """How far the concepts outside ``own`` move ``token``'s noise prediction:
+
+    ``absolute`` = RMS(ε̂(all) − ε̂(own)), per element of the prediction (ε has unit variance, so
+    0.01 is 1 % of the noise's scale); ``own_effect`` = RMS(ε̂(own) − ε̂(none)); ``relative`` =
+    their ratio ‖ε̂(all) − ε̂(own)‖ / ‖ε̂(own) − ε̂(none)‖ (0 = no bleeding). The ratio alone mostly
+    compares effect sizes when every concept moves every prompt by a similar amount (random
+    weights), so reports print the absolute figure beside it."""
     p_all, _ = concept_predictions(host, bank, token, pixels, None)
     p_own, _ = concept_predictions(host, bank, token, pixels, own)
     p_none, _ = concept_predictions(host, bank, token, pixels, [])
-    return float((p_all - p_own).norm() / (p_own - p_none).norm().clamp_min(1e-12))
+    rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
+    absolute, effect = rms(p_all - p_own), rms(p_own - p_none)
+    return {"absolute": absolute, "own_effect": effect, "relative": absolute / max(effect, 1e-12)}
+
+
+def output_drift(host: Host, bank: Bank, token: str, pixels: Tensor, own: list[str]) -> float:
+    """``drift_figures``' relative drift: ‖ε̂(all) − ε̂(own)‖ / ‖ε̂(own) − ε̂(none)‖. 0 = no bleeding."""
+    return drift_figures(host, bank, token, pixels, own)["relative"]
+
+
+def residual_size(bank: Bank, ident: str) -> dict[str, float]:
+    """The size of one concept's residual ΔW = A·Bᵀ over its layers: ``norm`` = √Σ‖ΔW‖_F²,
+    ``max_entry`` = the largest |entry| of any layer's ΔW (what a fp16 host must represent),
+    ``max_a`` = the largest ‖A‖_F of a layer (after the freeze's orthonormalisation of B this
+    is the residual's own scale)."""
+    c = bank.get(ident)
+    norm_sq, max_entry, max_a = 0.0, 0.0, 0.0
+    for name, a in c.A.items():
+        delta = a.double() @ c.B[name].double().T  # (n, m)
+        norm_sq += float(delta.pow(2).sum())
+        max_entry = max(max_entry, float(delta.abs().max()))
+        max_a = max(max_a, float(a.double().norm()))
+    return {"norm": norm_sq ** 0.5, "max_entry": max_entry, "max_a": max_a}
 
 
 def _distance(p: Tensor, q: Tensor) -> float:
     return float((p - q).norm())
+
+
+def _rms(p: Tensor, q: Tensor) -> float:
+    return float((p - q).pow(2).mean().sqrt())
 
 
 def crosstalk(host: Host, bank: Bank, pixels: dict[str, Tensor], seed: int = 1234) -> dict:
@@ -84,11 +115,15 @@ def crosstalk(host: Host, bank: Bank, pixels: dict[str, Tensor], seed: int = 123
     ``neutral[i]`` = ‖ε̂_{i}(w_i) − ε̂_∅(w_i)‖ / e_i on the prompt "a photo of a <init word>",
     which lacks the token; ``composition[i]`` = ‖ε̂_all(t_i) − ε̂_{i}(t_i)‖ / e_i, all the others
     together. 0 everywhere = no bleeding. ``pixels`` maps every concept's token to its images.
+    ``matrix_abs`` and ``composition_abs``: the same moves as RMS per element of the prediction
+    (absolute; ε has RMS 1), beside the ratios, which on random weights mostly compare effect sizes.
     """
     concepts = bank.concepts
     n = len(concepts)
     matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
     neutral, composition, own_effect = [], [], []
+    matrix_abs: list[list[float | None]] = [[None] * n for _ in range(n)]
+    composition_abs = []
     for i, c in enumerate(concepts):
         px = pixels[c.token]
         emb = {c.token: c.embedding}
@@ -99,13 +134,16 @@ def crosstalk(host: Host, bank: Bank, pixels: dict[str, Tensor], seed: int = 123
         effect = max(_distance(own, none), 1e-12)
         own_effect.append(effect)
         composition.append(_distance(every, own) / effect)
+        composition_abs.append(_rms(every, own))
         for j, other in enumerate(concepts):
             if j != i:
                 moved = prompt_predictions(host, bank, prompt, px, [other.id], emb, seed)[0]
                 matrix[i][j] = _distance(moved, none) / effect
+                matrix_abs[i][j] = _rms(moved, none)
         plain = f"a photo of a {c.init_word or 'thing'}"
         plain_none = prompt_predictions(host, bank, plain, px, [], {}, seed)[0]
         plain_own = prompt_predictions(host, bank, plain, px, [c.id], {}, seed)[0]
         neutral.append(_distance(plain_own, plain_none) / effect)
     return {"concepts": [c.id for c in concepts], "matrix": matrix, "neutral": neutral,
-            "composition": composition, "own_effect": own_effect}
+            "composition": composition, "own_effect": own_effect, "matrix_abs": matrix_abs,
+            "composition_abs": composition_abs}

@@ -10,6 +10,7 @@ SeqLoRA (``BilevelSolver.seqlora_iteration``), DESIGN §3 step by step:
   1.   ``inner_steps``             A⁺ = A − α ∇_A L(A, B), T times
   2–3. ``hypergradient_paper``     ∇F(B) = ∇_B L(A⁺, B) − H_BA(A, B)[α ∇_A L(A⁺, B)], the
                                    product by double backward (``cross_hessian_vector_product``)
+       ``hypergradient_truncated`` (option) the same with H_BA taken at A_{T−1}
        ``hypergradient_unrolled``  (option) back-propagate through all T inner steps instead
   4.   ``projected_b_step``        B ← B − P·step(P ∇F(B))
   5.   ``a_step``                  A ← A⁺ − step(∇_A L(A⁺, B_new)); the embedding steps here too
@@ -18,35 +19,54 @@ Baselines: ``alternating_iteration`` (the paper's Continual Alternating: steps 1
 plain ∇_B L(A⁺, B), 5), ``frozen_basis_iteration`` (Orthogonal Adaptation: 1 and 5, B fixed),
 ``lora_iteration`` (T + 1 joint unconstrained steps; comparison only).
 
-Deviations from DESIGN §3, and why (figures: ``python bench/deviations.py``)
+Deviations from DESIGN §3, and why (figures: ``python bench/deviations.py``, float64 toy problems;
+``python bench/stability.py``, the demo's stream on ``tiny``)
 --------------------------------------------------------------------------
 D1 Step 5 starts from A⁺, not from A, so T + 1 A steps are committed per iteration. DESIGN's
    ``A ← A − α∇_A L(A, B_new)`` throws the T inner steps away and moves A by one step per
-   iteration. Measured after 100 iterations: two-layer problem L 0.763 (ours) vs 0.801
-   (DESIGN); covariance problem 20.87 vs 21.02.
-D2 ``paper`` (default) keeps only the first inner step's cross-Hessian term, as the paper's
-   formula does; for T ≥ 2 that is not the derivative of the T-step F(B). Measured on the
-   two-layer problem (α = 0.05): median relative error of the directional derivative against
-   finite differences of F 1.2 at T = 2, 0.24 at T = 3 (``unrolled``: 5e-9; both exact at
-   T = 1). In training it matters less: after 200 iterations L 0.670 (paper) vs 0.621
-   (unrolled) on the two-layer problem, equal (20.87) on the covariance problem. Kept as the
-   default because it is the method as published, at the cost the paper reports; ``unrolled``
-   costs T twice-differentiated passes and holds all their graphs at once.
-D3 With Adam, the inner α is α_layer = lr_a / RMS(∇_A L) of the first gradient this concept
-   sees, then held fixed. The formula needs a step linear in ∇_A L with a constant α (Adam's
-   elementwise step is not); re-measuring α on every minibatch makes the inner step a
-   normalised step whose size no longer shrinks with the gradient near a minimum: covariance
-   problem after 200 iterations L 20.87 (once) vs 23.46 (every iteration). The price: RMS(∇_A L)
-   varies with the timestep, so one α is a larger step at some timesteps than at others. SGD
-   uses α = lr_a.
+   iteration. Measured after 100 iterations (defaults: trust-region rule, paper hypergradient):
+   two-layer problem L 0.763 (ours) vs 0.801 (DESIGN); covariance problem 21.47 vs 21.04 (there
+   DESIGN's is better). Kept: since issue 17 every inner step is inside the trust region of D3,
+   so committing them moves A by at most (T + 1)·lr_a RMS per iteration — what unconstrained
+   LoRA's T + 1 Adam steps do — and it multiplies no divergence any more (before issue 17 it did).
+   ``a_start="a"`` gives DESIGN's step.
+D2 ``paper`` (default) takes the cross-Hessian at A_0, as the paper's formula does;
+   ``truncated`` back-propagates through the last inner step only, ∇_B L(A_T, B) −
+   H_BA(A_{T−1}, B)[α ∇_A L(A_T, B)], the standard truncation. Same passes, same cost; both exact
+   at T = 1; for T ≥ 2 neither is the derivative of the T-step F(B). Median relative error of
+   the directional derivative against finite differences on the two-layer problem, T = 2:
+   α = 0.05 truncated 0.42, paper 1.23; α = 0.2 truncated 0.84, paper 0.63 (``unrolled``: 5e-9).
+   On the toy problems truncated trains better (after 200 iterations L 0.623 truncated, 0.670
+   paper, 0.621 unrolled on the two-layer problem; 20.87, 21.24, 20.88 on the covariance
+   problem), but on the demo's stream (4 concepts, seeds 0 and 1 × 1 and 2 threads) paper
+   disturbs earlier concepts less: mean |forgetting| 0.018 ± 0.005 (paper), 0.034 ± 0.009
+   (truncated), 0.023 ± 0.009 (unconstrained LoRA), drift 0.67 / 0.68 / 0.74, at an own loss
+   0.966 / 0.949 / 0.973. Not interfering is what SeqLoRA is for, so paper stays the default.
+   ``unrolled`` costs T twice-differentiated passes and holds all their graphs at once.
+D3 With Adam the inner step is A − α ∇_A L with, per layer, α = lr_a / RMS(√v̂): Adam's step
+   size from its second moment v with the iteration's first gradient folded in, shrunk for each
+   inner step so that the step's RMS per element is at most lr_a (a trust region the size of the
+   Adam step it stands for). Both factors are held constant in the hypergradient, so the step
+   stays linear in ∇_A L as the formula needs. Why: the rule before issue 17 fixed α = lr_a /
+   RMS of the concept's *first* gradient for the whole training; a layer whose first gradient
+   was tiny (B starting where the inputs had little energy) got α up to 9,100, and once the
+   hypergradient turned B towards the data the fixed α overshot — on the demo's stream the
+   largest |A·Bᵀ| entry was 12 – 388 over seeds and thread counts (9.9e4 in the issue, beyond
+   fp16), chaotic between 1 and 2 threads. Now 0.59 – 0.75 against unconstrained LoRA's
+   0.83 – 1.35 on the same streams, seconds per concept unchanged (``bench/stability.py``). An
+   element-wise Adam diagonal (lr / (√v̂ + ε) per entry) was tried first: entries whose first
+   gradient was ~1e-8 got α ≈ 2e5 and the second inner step moved them by 32. The price on the
+   covariance problem: L after 200 iterations 21.24 (trust region) vs 20.87 (calibrated once)
+   vs 22.15 (α from each iteration's gradient alone, a normalised step that does not shrink near
+   a minimum). SGD uses α = lr_a (the paper's plain steps, no trust region).
 D4 The committed steps (4, 5) may be Adam steps; B's is projected before and after Adam, so B
    never leaves the free space. ``optimizer="sgd"`` gives the paper's plain steps.
 D5 Precision (``precision.py``): gradients of a fp16 model are taken of a scaled loss; a
    commit (the B step or the A step) whose gradients are not finite is skipped and counted in
    ``skipped_steps``, and the scale is halved — a half-precision overflow is not divergence.
-D6 ``low_memory`` (paper hypergradient only) takes the first inner step from a plain pass and
-   builds the twice-differentiated graph at (A, B) only after A⁺ is known, so it is never held
-   while other passes run: one extra plain pass for a lower peak.
+D6 ``low_memory`` (truncated and paper hypergradients) takes every inner step from a plain pass
+   and builds the twice-differentiated graph — at (A_{T−1}, B) or (A, B) — only after A⁺ is
+   known, so it is never held while other passes run: one extra plain pass for a lower peak.
 
 Only the twice-differentiated pass runs inside ``differentiable_context`` (the host's attention
 kernel with double backward, fp32 normalisation for half models); every other pass keeps the
@@ -68,7 +88,9 @@ from .precision import LossScale, all_finite
 # L(a, b, embedding) -> scalar loss; each argument a list of tensors
 LossFn = Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]], Tensor]
 Projection = Callable[[Sequence[Tensor]], list[Tensor]]
-StepSize = float | list[Tensor]  # α: one float (SGD) or one 0-d tensor per layer (Adam, D3)
+StepSize = float | list[Tensor]  # α: one float (SGD), or per layer a tensor shaped like A (Adam, D3)
+HYPERGRADIENTS = ("truncated", "paper", "unrolled")
+INNER_RULES = ("trust-region", "calibrated-once")
 
 
 @dataclass
@@ -79,8 +101,10 @@ class BilevelConfig:
     lr_b: float = 1e-3  # β
     lr_embedding: float = 5e-3  # the concept token's embedding
     optimizer: str = "adam"  # "adam" or "sgd" (the paper's plain steps)
-    hypergradient: str = "paper"  # "paper" or "unrolled"
+    hypergradient: str = "paper"  # "paper", "truncated" or "unrolled" (D2)
     low_memory: bool = False  # D6
+    inner_rule: str = "trust-region"  # D3 (Adam only): "trust-region", or "calibrated-once" (before issue 17)
+    a_start: str = "a-plus"  # D1: step 5 from A⁺ ("a-plus") or from A ("a", DESIGN as written)
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
 
@@ -89,8 +113,12 @@ class BilevelConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError("optimizer must be adam or sgd")
-        if self.hypergradient not in ("paper", "unrolled"):
-            raise ValueError("hypergradient must be paper or unrolled")
+        if self.hypergradient not in HYPERGRADIENTS:
+            raise ValueError(f"hypergradient must be one of {', '.join(HYPERGRADIENTS)}")
+        if self.inner_rule not in INNER_RULES:
+            raise ValueError(f"inner_rule must be one of {', '.join(INNER_RULES)}")
+        if self.a_start not in ("a-plus", "a"):
+            raise ValueError("a_start must be a-plus or a")
         if self.inner_steps < 1:
             raise ValueError("inner steps must be at least 1")
 
@@ -104,6 +132,17 @@ class StepRule:
         self.t = 0
         self.m = [torch.zeros_like(p) for p in like]  # like: the fp32 (or wider) factors
         self.v = [torch.zeros_like(p) for p in like]
+
+    def gradient_scale(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        """Per tensor, the RMS of Adam's bias-corrected second moment √mean(v̂) with ``grads``
+        folded in as the next step would (step t + 1), without advancing the state: the typical
+        size of this tensor's gradient over its recent history, current gradient included
+        (0-d tensors, no host sync)."""
+        b2 = self.betas[1]
+        grads = [g.detach().to(v.dtype) for g, v in zip(grads, self.v)]
+        v = torch._foreach_mul(self.v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        return [(x.mean() / (1 - b2 ** (self.t + 1))).sqrt() for x in v]
 
     def step(self, grads: Sequence[Tensor]) -> list[Tensor]:
         """The update to subtract, advancing the optimiser state."""
@@ -195,6 +234,8 @@ class BilevelSolver:
         self.opt_embedding = rule(self.embedding, config.lr_embedding)
         self.alpha: StepSize | None = config.lr_a if config.optimizer == "sgd" else None
         self._alpha_checked = config.optimizer == "sgd"
+        self._per_iteration = config.optimizer != "sgd" and config.inner_rule == "trust-region"
+        self._alphas: list[StepSize] = []  # α of each inner step of the current iteration
         self.skipped_steps = 0
         self._skipped_now = 0
 
@@ -205,6 +246,9 @@ class BilevelSolver:
     # -- the algorithms ----------------------------------------------------------------------
     def iterate(self, loss_fn: LossFn) -> IterationResult:
         self._skipped_now = 0
+        self._alphas = []
+        if self._per_iteration:
+            self.alpha = None  # D3: this iteration's step size, set from its first gradient
         run = {"seqlora": self.seqlora_iteration, "alternating": self.alternating_iteration,
                "frozen-basis": self.frozen_basis_iteration, "lora": self.lora_iteration}[self.cfg.method]
         loss_before, loss = run(loss_fn)
@@ -216,7 +260,7 @@ class BilevelSolver:
         if not self._finite(grad_f + a_plus):
             return loss_before, loss_before
         self.projected_b_step(grad_f)
-        return loss_before, self.a_step(loss_fn, a_plus)
+        return loss_before, self.a_step(loss_fn, self._a_start(a_plus))
 
     def alternating_iteration(self, loss_fn: LossFn) -> tuple[Tensor, Tensor]:
         """Continual Alternating: steps 1, 4 and 5 with the plain partial gradient ∇_B L(A⁺, B)."""
@@ -225,12 +269,12 @@ class BilevelSolver:
         if not self._finite(grads["b"] + a_plus):
             return loss_before, loss_before
         self.projected_b_step(grads["b"])
-        return loss_before, self.a_step(loss_fn, a_plus)
+        return loss_before, self.a_step(loss_fn, self._a_start(a_plus))
 
     def frozen_basis_iteration(self, loss_fn: LossFn) -> tuple[Tensor, Tensor]:
         """Orthogonal Adaptation: B stays as initialised; steps 1 and 5."""
         a_plus, loss_before = self.inner_steps(loss_fn, self.a, self.cfg.inner_steps)
-        return loss_before, self.a_step(loss_fn, a_plus)
+        return loss_before, self.a_step(loss_fn, self._a_start(a_plus))
 
     def lora_iteration(self, loss_fn: LossFn) -> tuple[Tensor, Tensor]:
         """Unconstrained LoRA: T + 1 joint steps on A, B and the embedding (comparison only)."""
@@ -246,12 +290,32 @@ class BilevelSolver:
         return loss_before, loss
 
     # -- the steps ---------------------------------------------------------------------------
+    def _a_start(self, a_plus: list[Tensor]) -> list[Tensor]:
+        """Where step 5 starts: A⁺ (D1, default) or A (DESIGN as written, for comparison)."""
+        return a_plus if self.cfg.a_start == "a-plus" else self.a
+
     def inner_step_size(self, grad_a: Sequence[Tensor]) -> StepSize:
-        """α: lr_a for SGD; with Adam, lr_a / RMS of the first gradient, then fixed (D3)."""
+        """α of one inner step A ← A − α ∇_A L whose gradient is ``grad_a`` (D3), recorded in
+        ``_alphas``. SGD: lr_a. Adam, "trust-region" (default): per layer
+        α = lr_a / RMS(√v̂) — Adam's step size for that layer, from its second moment with this
+        iteration's first gradient folded in — shrunk for this step so that the step's RMS per
+        element is at most lr_a, the size of the Adam step it stands for. Both factors are held
+        constant (detached) in the hypergradient, which stays linear in ∇_A L. "calibrated-once":
+        lr_a / RMS of the concept's first gradient, fixed for the whole training."""
         if self.alpha is None:
-            rms = torch._foreach_norm([g.detach() for g in grad_a])
-            self.alpha = [self.cfg.lr_a / (n / g.numel() ** 0.5 + self.cfg.adam_eps) for n, g in zip(rms, grad_a)]
-        return self.alpha
+            if self.cfg.inner_rule == "trust-region":
+                scale = self.opt_a.gradient_scale(grad_a)
+                self.alpha = [self.cfg.lr_a / (r + self.cfg.adam_eps) for r in scale]
+            else:
+                rms = torch._foreach_norm([g.detach() for g in grad_a])
+                self.alpha = [self.cfg.lr_a / (n / g.numel() ** 0.5 + self.cfg.adam_eps) for n, g in zip(rms, grad_a)]
+        alpha = self.alpha
+        if self._per_iteration:  # the trust region: RMS(α g) ≤ lr_a, per layer
+            steps = torch._foreach_norm(_times(alpha, [g.detach() for g in grad_a]))
+            alpha = [a * torch.clamp(self.cfg.lr_a * g.numel() ** 0.5 / (n + 1e-30), max=1.0)
+                     for a, n, g in zip(alpha, steps, grad_a)]
+        self._alphas.append(alpha)
+        return alpha
 
     def inner_steps(self, loss_fn: LossFn, a: Sequence[Tensor], steps: int) -> tuple[list[Tensor], Tensor | None]:
         """Step 1, not differentiated: ``steps`` plain steps A ← A − α ∇_A L(A, B).
@@ -268,7 +332,9 @@ class BilevelSolver:
         if self.cfg.hypergradient == "unrolled":
             return self.hypergradient_unrolled(loss_fn)
         if self.cfg.low_memory:
-            return self.hypergradient_paper_low_memory(loss_fn)
+            return self.hypergradient_low_memory(loss_fn)
+        if self.cfg.hypergradient == "truncated":
+            return self.hypergradient_truncated(loss_fn)
         return self.hypergradient_paper(loss_fn)
 
     def _twice_differentiable_gradient(self, loss_fn: LossFn, a: list[Tensor], b: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -292,12 +358,34 @@ class BilevelSolver:
         grad_f = [gb - hb / self.scale for gb, hb in zip(at_a_plus["b"], h)]
         return grad_f, a_plus, loss_before.detach()
 
-    def hypergradient_paper_low_memory(self, loss_fn: LossFn) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        """Same value as ``hypergradient_paper``; the kept graph is built last (D6)."""
-        a_plus, loss_before = self.inner_steps(loss_fn, self.a, self.cfg.inner_steps)
+    def hypergradient_truncated(self, loss_fn: LossFn) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Back-propagation through the last inner step only (D2, an option): with A_{T−1} held
+        constant, ∇F(B) ≈ ∇_B L(A_T, B) − H_BA(A_{T−1}, B)[α ∇_A L(A_T, B)]. The same passes
+        as ``hypergradient_paper`` (T − 1 plain, one twice differentiated, one plain); exact for
+        T = 1, where both are the same formula."""
+        a_prev, loss_before = self.inner_steps(loss_fn, self.a, self.cfg.inner_steps - 1)  # A_{T−1}
+        a, b = _leaves(a_prev), _leaves(self.b)
+        loss_prev, grad_a_scaled = self._twice_differentiable_gradient(loss_fn, a, b)  # holds its graph
+        loss_before = loss_prev.detach() if loss_before is None else loss_before
+        grad_a = [g.detach() / self.scale for g in grad_a_scaled]
+        alpha = self.inner_step_size(grad_a)
+        a_plus = _minus([t.detach() for t in a_prev], _times(alpha, grad_a))  # the last inner step
         _, at_a_plus = loss_and_gradients(loss_fn, a_plus, self.b, self.embedding, of=("a", "b"), scale=self.scale)
-        v = _times(self.inner_step_size(at_a_plus["a"]), at_a_plus["a"])
-        a, b = _leaves(self.a), _leaves(self.b)
+        h = cross_hessian_vector_product(grad_a_scaled, b, _times(alpha, at_a_plus["a"]))
+        grad_f = [gb - hb / self.scale for gb, hb in zip(at_a_plus["b"], h)]
+        return grad_f, a_plus, loss_before
+
+    def hypergradient_low_memory(self, loss_fn: LossFn) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Same value as ``hypergradient_paper`` / ``hypergradient_truncated``; the kept graph is
+        built last, at A (paper) or A_{T−1} (truncated), after A⁺ is known (D6)."""
+        a_prev, loss_before = self.inner_steps(loss_fn, self.a, self.cfg.inner_steps - 1)
+        a_plus, last = self.inner_steps(loss_fn, a_prev, 1)
+        loss_before = last if loss_before is None else loss_before
+        _, at_a_plus = loss_and_gradients(loss_fn, a_plus, self.b, self.embedding, of=("a", "b"), scale=self.scale)
+        # α of the step whose cross-Hessian is taken: the first (paper) or the last (truncated)
+        v = _times(self._alphas[-1 if self.cfg.hypergradient == "truncated" else 0], at_a_plus["a"])
+        at = a_prev if self.cfg.hypergradient == "truncated" else self.a
+        a, b = _leaves(at), _leaves(self.b)
         _, grad_a_scaled = self._twice_differentiable_gradient(loss_fn, a, b)
         h = cross_hessian_vector_product(grad_a_scaled, b, v)
         del grad_a_scaled

@@ -131,24 +131,37 @@ def probably_orthogonal(bases: list[Tensor], tolerance: float, probes: int = 16,
 
 
 class BatchedProjection:
-    """P v for every adapted layer at once: layers with the same (m, k) — in practice all of
-    them, since every concept adapts the same layers — share one batched matmul instead of a
-    Python loop of three small float64 matmuls per layer (≈ 64 layers at the default targets)."""
+    """P v for every adapted layer at once, equal to ``[p.project(v) for p, v in zip(projectors, vs)]``
+    for every kind of projector: none (P = I), earlier bases only, a lease block U only (a lease
+    file's first concept) and U with earlier bases (P v = P_𝔅 (U Uᵀ v)). Layers with the same
+    (m, k, w) — m inputs, k earlier columns, lease width w; in practice all layers of one width,
+    since every concept adapts the same layers — share one batched matmul instead of a Python
+    loop of small float64 matmuls per layer (≈ 64 layers at the default targets).
+
+    The lease block must not be dropped here: the bilevel step projects every B gradient through
+    this class, so ignoring U lets B leave the lease during training, and the trainer's last exact
+    projection would then cut the trained B down without refitting A (issue 17)."""
 
     def __init__(self, projectors: list[NullSpaceProjector]):
         self.projectors = projectors
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple[int, int, int], list[int]] = {}
         for i, p in enumerate(projectors):
-            if p._basis is not None:
-                groups.setdefault((p.in_features, p.used), []).append(i)
+            if p._basis is None and p._within is None:
+                continue  # P = I: v is returned as it is, like NullSpaceProjector.project
+            width = 0 if p._within is None else p._within.shape[1]
+            groups.setdefault((p.in_features, p.used, width), []).append(i)
         self._groups = list(groups.values())
-        self._on: dict[str, list[tuple[list[int], Tensor, Tensor]]] = {}  # device → stacked (𝔅, G⁻¹)
+        # device → per group (indices, stacked 𝔅 or None, stacked G⁻¹ or None, stacked U or None)
+        self._on: dict[str, list[tuple[list[int], Tensor | None, Tensor | None, Tensor | None]]] = {}
 
     def _groups_on(self, device: torch.device):
         key = str(device)
         if key not in self._on:  # stacked on the device only: no second host copy of a full bank
-            self._on[key] = [(idx, torch.stack([self.projectors[i]._basis.to(device) for i in idx]),
-                              torch.stack([self.projectors[i]._gram_inv.to(device) for i in idx]))
+            def stack(idx: list[int], attr: str) -> Tensor | None:
+                parts = [getattr(self.projectors[i], attr) for i in idx]
+                return None if parts[0] is None else torch.stack([t.to(device) for t in parts])
+
+            self._on[key] = [(idx, stack(idx, "_basis"), stack(idx, "_gram_inv"), stack(idx, "_within"))
                              for idx in self._groups]
         return self._on[key]
 
@@ -157,9 +170,33 @@ class BatchedProjection:
         out = list(vs)
         if not vs:
             return out
-        for idx, basis, gram_inv in self._groups_on(vs[0].device):  # basis (L, m, k), gram_inv (L, k, k)
+        # basis (L, m, k), gram_inv (L, k, k), within (L, m, w); None where the group has none
+        for idx, basis, gram_inv, within in self._groups_on(vs[0].device):
             v64 = torch.stack([vs[i] for i in idx]).to(torch.float64)  # (L, m, r)
-            projected = v64 - basis @ (gram_inv @ (basis.transpose(1, 2) @ v64))
+            if within is not None:
+                v64 = within @ (within.transpose(1, 2) @ v64)
+            if basis is not None:
+                v64 = v64 - basis @ (gram_inv @ (basis.transpose(1, 2) @ v64))
             for j, i in enumerate(idx):
-                out[i] = projected[j].to(vs[i].dtype)
+                out[i] = v64[j].to(vs[i].dtype)
         return out
+
+
+def orthonormal_factors(a: Tensor, b: Tensor, projector: NullSpaceProjector | None = None
+                        ) -> tuple[Tensor, Tensor]:
+    """The same residual A Bᵀ with orthonormal B: B = Q R (float64) → (A Rᵀ, Q), float32 on the CPU.
+
+    Done once, when a concept is frozen. Later concepts are projected against this B with the
+    regularised projector P = I − 𝔅(𝔅ᵀ𝔅 + εI)⁻¹𝔅ᵀ, whose exactness (and the float32 rounding
+    of the Gram) degrades with 𝔅's conditioning: a trained B can have columns of very
+    different lengths. With orthonormal columns 𝔅ᵀ𝔅 = I and the projection is exact to
+    rounding, whatever the training did. ``projector`` (the concept's own, None for an
+    unconstrained method) projects Q once more, so that QR's rounding does not carry Q out of the
+    free space; the correction is at rounding level, so QᵀQ = I and A Bᵀ are unchanged to fp32
+    rounding.
+    """
+    a64 = a.detach().to("cpu", torch.float64)
+    q, r = torch.linalg.qr(b.detach().to("cpu", torch.float64))
+    if projector is not None:
+        q = projector.project(q)
+    return (a64 @ r.T).to(torch.float32), q.to(torch.float32)

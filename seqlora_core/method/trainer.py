@@ -37,8 +37,9 @@ from .activation_stats import ActivationStats
 from .attention_slicing import SlicedAttention
 from .checkpointing import BlockCheckpointing
 from .lora import LoRAHooks
-from .projector import BatchedProjection
+from .projector import BatchedProjection, orthonormal_factors
 from .precision import HALF, Fp32Normalisation, LossScale
+from .residual_check import check_residual_range
 from .targets import select_layers
 
 PROMPT_TEMPLATES = ("a photo of {}", "a close-up photo of {}", "a picture of {}", "a good photo of {}",
@@ -76,6 +77,10 @@ class TrainResult:
     seconds: float = 0.0
     skipped_steps: int = 0  # commits skipped because their gradients were not finite (fp16 overflow)
     loss_scale: float = 1.0  # the fp16 loss scale at the end (1 in fp32 / bf16)
+    # largest over layers of ‖B_final − B_trained‖_F / ‖B_trained‖_F of the last exact projection:
+    # ~1e-7 (float32 drift) when training kept B in the free space; larger means training left it
+    # (the projection then cut B without refitting A). 0 for unconstrained methods.
+    projection_drift: float = 0.0
 
 
 def new_bank(host: Host, eps: float = 1e-8, fingerprint: Fingerprint | None = None) -> Bank:
@@ -271,17 +276,28 @@ def train_concept(host: Host, bank: Bank | None, pixels: Tensor, token: str, ini
             if progress is not None:
                 progress(step + 1, settings.steps, loss)
 
-    b_final = [projectors[n].project(b.double()).float() if constrained else b
-               for n, b in zip(names, solver.b)]  # one last exact projection against float32 drift
+    # one last exact projection against float32 drift (float64), then every concept is frozen
+    # with orthonormal B (orthonormal_factors: same A Bᵀ, projector exact whatever B's conditioning)
+    b_trained = [b.detach().double() for b in solver.b]
+    b_final = [projectors[n].project(b) if constrained else b for n, b in zip(names, b_trained)]
+    drift = max((float((f - t).norm() / t.norm()) for f, t in zip(b_final, b_trained) if t.norm() > 0), default=0.0)
+    concept_stats = stats.top_eigenpairs(settings.stats_q) if settings.stats_q > 0 else None
+    # refused here, before a Concept or Bank exists, so no caller can write it (and before the QR,
+    # which has no use for non-finite factors)
+    check_residual_range(ident, dict(zip(names, solver.a)), dict(zip(names, b_final)), concept_stats,
+                         getattr(host, "dtype", torch.float32))
+    frozen_factors = [orthonormal_factors(a, b, projectors[n] if constrained else None)
+                      for n, a, b in zip(names, solver.a, b_final)]
+    a_out = {n: a for n, (a, _) in zip(names, frozen_factors)}
+    b_out = {n: b for n, (_, b) in zip(names, frozen_factors)}
     finite = [v for v in losses if math.isfinite(v)]
     tail = finite[-max(1, len(finite) // 10):]
     concept = Concept(
         id=ident, token=token, init_word=init_word, rank=settings.rank, method=settings.method,
-        A={n: a.detach().float().cpu() for n, a in zip(names, solver.a)},
-        B={n: b.detach().float().cpu() for n, b in zip(names, b_final)},
+        A=a_out, B=b_out,
         embedding=solver.embedding[0].detach().float().cpu(),
         settings=asdict(settings), final_loss=sum(tail) / len(tail) if tail else None,
-        stats=stats.top_eigenpairs(settings.stats_q) if settings.stats_q > 0 else None,
+        stats=concept_stats,
         author=author, lease=bank.confined_to if constrained else None)
     return TrainResult(bank.with_concept(concept), concept, losses, time.time() - start,
-                       solver.skipped_steps, solver.scale)
+                       solver.skipped_steps, solver.scale, drift)
