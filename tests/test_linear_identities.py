@@ -129,13 +129,20 @@ def residual_energy(X, proj, B):
     return float((res ** 2).sum(dim=1).mean())
 
 
-@pytest.mark.parametrize("method", ["seqlora", "alternating"])
-def test_learned_basis_leaves_less_residual_energy_than_a_random_frozen_one(method):
+# Within 1 % of the optimum after 300 iterations, except seqlora with the ``paper``
+# hypergradient (the default): under the trust-region inner steps of issue 17 it stays 2.6 %
+# above it (13.15 against 12.82; 13.43 after 1000 iterations), where ``truncated`` reaches it.
+# bilevel.py's D2 says why ``paper`` is the default all the same (it forgets less on the demo's
+# stream); the margin here is the measured cost.
+@pytest.mark.parametrize("method,hypergradient,within", [("seqlora", "truncated", 1.01), ("seqlora", "paper", 1.03),
+                                                         ("alternating", "paper", 1.01)])
+def test_learned_basis_leaves_less_residual_energy_than_a_random_frozen_one(method, hypergradient, within):
     X, proj, loss, g = _pca_problem()
     r = 3
     B0 = proj.random_orthonormal(r, g).double()
     A0 = torch.zeros(X.shape[1], r)
-    cfg = BilevelConfig(method=method, inner_steps=2, lr_a=0.03, lr_b=0.03, optimizer="adam")
+    cfg = BilevelConfig(method=method, inner_steps=2, lr_a=0.03, lr_b=0.03, optimizer="adam",
+                        hypergradient=hypergradient)
     solver = BilevelSolver([A0], [B0], [], lambda v: [proj.project(t) for t in v], cfg)
     for _ in range(300):
         solver.iterate(loss)
@@ -145,7 +152,7 @@ def test_learned_basis_leaves_less_residual_energy_than_a_random_frozen_one(meth
     evals = torch.linalg.eigvalsh(sigma_free)
     optimum = float(evals[:-r].sum())  # energy left outside the top-r eigenspace
     assert learned < 0.8 * random_frozen
-    assert learned < 1.01 * optimum  # it found the top-r eigenspace of the compressed covariance
+    assert learned < within * optimum  # it found the top-r eigenspace of the compressed covariance
     overlap = normalised_overlap(proj._basis, solver.b[0])
     assert overlap < 1e-7
 

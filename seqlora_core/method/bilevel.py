@@ -91,6 +91,7 @@ Projection = Callable[[Sequence[Tensor]], list[Tensor]]
 StepSize = float | list[Tensor]  # α: one float (SGD), or per layer a tensor shaped like A (Adam, D3)
 HYPERGRADIENTS = ("truncated", "paper", "unrolled")
 INNER_RULES = ("trust-region", "calibrated-once")
+IMPLIED_STEP_RADIUS = 1.0  # the cross-Hessian term's step α·∇_A L(A⁺) is held to one Adam step too (D3)
 
 
 @dataclass
@@ -309,13 +310,26 @@ class BilevelSolver:
             else:
                 rms = torch._foreach_norm([g.detach() for g in grad_a])
                 self.alpha = [self.cfg.lr_a / (n / g.numel() ** 0.5 + self.cfg.adam_eps) for n, g in zip(rms, grad_a)]
-        alpha = self.alpha
-        if self._per_iteration:  # the trust region: RMS(α g) ≤ lr_a, per layer
-            steps = torch._foreach_norm(_times(alpha, [g.detach() for g in grad_a]))
-            alpha = [a * torch.clamp(self.cfg.lr_a * g.numel() ** 0.5 / (n + 1e-30), max=1.0)
-                     for a, n, g in zip(alpha, steps, grad_a)]
+        alpha = self._trusted(self.alpha, grad_a)
         self._alphas.append(alpha)
         return alpha
+
+    def _trusted(self, alpha: StepSize, grads: Sequence[Tensor], radius: float = 1.0) -> StepSize:
+        """α shrunk per layer so that the step α·g has RMS at most ``radius``·lr_a (Adam,
+        "trust-region"; otherwise α unchanged)."""
+        if not self._per_iteration:
+            return alpha
+        steps = torch._foreach_norm(_times(alpha, [g.detach() for g in grads]))
+        return [a * torch.clamp(radius * self.cfg.lr_a * g.numel() ** 0.5 / (n + 1e-30), max=1.0)
+                for a, n, g in zip(alpha, steps, grads)]
+
+    def _implied_step(self, alpha: StepSize, grad_at_a_plus: Sequence[Tensor]) -> list[Tensor]:
+        """v = α ∇_A L(A⁺, B), the vector of the cross-Hessian product, inside the same trust
+        region as the steps taken (RMS ≤ ``IMPLIED_STEP_RADIUS``·lr_a). A layer whose gradient at A
+        was ~0 gets a huge α, harmless for its own inner step (α·0) but not here, where ∇_A L(A⁺)
+        is no longer ~0: in fp16 that term overflowed and the first iteration was skipped (a
+        radius of 10 still did)."""
+        return _times(self._trusted(alpha, grad_at_a_plus, IMPLIED_STEP_RADIUS), grad_at_a_plus)
 
     def inner_steps(self, loss_fn: LossFn, a: Sequence[Tensor], steps: int) -> tuple[list[Tensor], Tensor | None]:
         """Step 1, not differentiated: ``steps`` plain steps A ← A − α ∇_A L(A, B).
@@ -354,7 +368,7 @@ class BilevelSolver:
         a_plus = _minus(self.a, _times(alpha, grad_a))  # first inner step, from the kept pass
         a_plus, _ = self.inner_steps(loss_fn, a_plus, self.cfg.inner_steps - 1)
         _, at_a_plus = loss_and_gradients(loss_fn, a_plus, self.b, self.embedding, of=("a", "b"), scale=self.scale)
-        h = cross_hessian_vector_product(grad_a_scaled, b, _times(alpha, at_a_plus["a"]))  # scale · H_BA[v]
+        h = cross_hessian_vector_product(grad_a_scaled, b, self._implied_step(alpha, at_a_plus["a"]))  # scale · H_BA[v]
         grad_f = [gb - hb / self.scale for gb, hb in zip(at_a_plus["b"], h)]
         return grad_f, a_plus, loss_before.detach()
 
@@ -371,7 +385,7 @@ class BilevelSolver:
         alpha = self.inner_step_size(grad_a)
         a_plus = _minus([t.detach() for t in a_prev], _times(alpha, grad_a))  # the last inner step
         _, at_a_plus = loss_and_gradients(loss_fn, a_plus, self.b, self.embedding, of=("a", "b"), scale=self.scale)
-        h = cross_hessian_vector_product(grad_a_scaled, b, _times(alpha, at_a_plus["a"]))
+        h = cross_hessian_vector_product(grad_a_scaled, b, self._implied_step(alpha, at_a_plus["a"]))
         grad_f = [gb - hb / self.scale for gb, hb in zip(at_a_plus["b"], h)]
         return grad_f, a_plus, loss_before
 
@@ -383,7 +397,7 @@ class BilevelSolver:
         loss_before = last if loss_before is None else loss_before
         _, at_a_plus = loss_and_gradients(loss_fn, a_plus, self.b, self.embedding, of=("a", "b"), scale=self.scale)
         # α of the step whose cross-Hessian is taken: the first (paper) or the last (truncated)
-        v = _times(self._alphas[-1 if self.cfg.hypergradient == "truncated" else 0], at_a_plus["a"])
+        v = self._implied_step(self._alphas[-1 if self.cfg.hypergradient == "truncated" else 0], at_a_plus["a"])
         at = a_prev if self.cfg.hypergradient == "truncated" else self.a
         a, b = _leaves(at), _leaves(self.b)
         _, grad_a_scaled = self._twice_differentiable_gradient(loss_fn, a, b)
