@@ -67,7 +67,11 @@ def test_training_with_masks_in_every_precision(pixels, dtype):
     settings = quick_settings("seqlora", steps=2, bilevel_iters=1, inner_steps=1)
     plain = train_concept(host, None, px, "<plain>", "thing", settings)
     ones = train_concept(host, None, px, "<plain>", "thing", settings, masks=torch.ones(2, RES, RES))
-    assert np.allclose(plain.losses, ones.losses, rtol=1e-5, atol=0)
+    # the first loss is the same function (mean vs weighted sum over the mass: rounding only); after a
+    # step, Adam-sized steps of layers whose gradient is at rounding level (the trust-region inner steps
+    # of issue 17 are sized like Adam's) carry that rounding into the next loss: 1e-4 relative, measured
+    assert np.allclose(plain.losses[:1], ones.losses[:1], rtol=1e-5, atol=0)
+    assert np.allclose(plain.losses, ones.losses, rtol=1e-3, atol=0)
     half = torch.zeros(2, RES, RES)
     half[:, :, : RES // 2] = 1
     masked = train_concept(host, None, px, "<half>", "thing", settings, masks=half)
