@@ -74,14 +74,8 @@ def drift_figures(host: Host, bank: Bank, token: str, pixels: Tensor, own: list[
     p_all, _ = concept_predictions(host, bank, token, pixels, None)
     p_own, _ = concept_predictions(host, bank, token, pixels, own)
     p_none, _ = concept_predictions(host, bank, token, pixels, [])
-    rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
-    absolute, effect = rms(p_all - p_own), rms(p_own - p_none)
+    absolute, effect = _rms(p_all, p_own), _rms(p_own, p_none)
     return {"absolute": absolute, "own_effect": effect, "relative": absolute / max(effect, 1e-12)}
-
-
-def output_drift(host: Host, bank: Bank, token: str, pixels: Tensor, own: list[str]) -> float:
-    """``drift_figures``' relative drift: ‖ε̂(all) − ε̂(own)‖ / ‖ε̂(own) − ε̂(none)‖. 0 = no bleeding."""
-    return drift_figures(host, bank, token, pixels, own)["relative"]
 
 
 def residual_size(bank: Bank, ident: str) -> dict[str, float]:

@@ -8,9 +8,9 @@ projector P. One iteration runs on one fixed minibatch, so L is one deterministi
 SeqLoRA (``BilevelSolver.seqlora_iteration``), DESIGN §3 step by step:
 
   1.   ``inner_steps``             A⁺ = A − α ∇_A L(A, B), T times
-  2–3. ``hypergradient_paper``     ∇F(B) = ∇_B L(A⁺, B) − H_BA(A, B)[α ∇_A L(A⁺, B)], the
-                                   product by double backward (``cross_hessian_vector_product``)
-       ``hypergradient_truncated`` (option) the same with H_BA taken at A_{T−1}
+  2–3. ``hypergradient_one_step`` ∇F(B) = ∇_B L(A⁺, B) − H_BA(A, B)[α ∇_A L(A⁺, B)], the
+                                   product by double backward (``cross_hessian_vector_product``);
+                                   ``truncated`` (option): the same with H_BA taken at A_{T−1}
        ``hypergradient_unrolled``  (option) back-propagate through all T inner steps instead
   4.   ``projected_b_step``        B ← B − P·step(P ∇F(B))
   5.   ``a_step``                  A ← A⁺ − step(∇_A L(A⁺, B_new)); the embedding steps here too
@@ -95,7 +95,6 @@ Projection = Callable[[Sequence[Tensor]], list[Tensor]]
 StepSize = float | list[Tensor]  # α: one float (SGD), or per layer a tensor shaped like A (Adam, D3)
 HYPERGRADIENTS = ("truncated", "paper", "unrolled")
 INNER_RULES = ("trust-region", "calibrated-once")
-IMPLIED_STEP_RADIUS = 1.0  # the cross-Hessian term's step α·∇_A L(A⁺) is held to one Adam step too (D3)
 
 
 @dataclass
@@ -318,22 +317,22 @@ class BilevelSolver:
         self._alphas.append(alpha)
         return alpha
 
-    def _trusted(self, alpha: StepSize, grads: Sequence[Tensor], radius: float = 1.0) -> StepSize:
-        """α shrunk per layer so that the step α·g has RMS at most ``radius``·lr_a (Adam,
-        "trust-region"; otherwise α unchanged)."""
+    def _trusted(self, alpha: StepSize, grads: Sequence[Tensor]) -> StepSize:
+        """α shrunk per layer so that the step α·g has RMS at most lr_a (Adam, "trust-region";
+        otherwise α unchanged)."""
         if not self._per_iteration:
             return alpha
         steps = torch._foreach_norm(_times(alpha, [g.detach() for g in grads]))
-        return [a * torch.clamp(radius * self.cfg.lr_a * g.numel() ** 0.5 / (n + 1e-30), max=1.0)
+        return [a * torch.clamp(self.cfg.lr_a * g.numel() ** 0.5 / (n + 1e-30), max=1.0)
                 for a, n, g in zip(alpha, steps, grads)]
 
     def _implied_step(self, alpha: StepSize, grad_at_a_plus: Sequence[Tensor]) -> list[Tensor]:
         """v = α ∇_A L(A⁺, B), the vector of the cross-Hessian product, inside the same trust
-        region as the steps taken (RMS ≤ ``IMPLIED_STEP_RADIUS``·lr_a). A layer whose gradient at A
+        region as the steps taken (RMS ≤ lr_a). A layer whose gradient at A
         was ~0 gets a huge α, harmless for its own inner step (α·0) but not here, where ∇_A L(A⁺)
         is no longer ~0: in fp16 that term overflowed and the first iteration was skipped (a
         radius of 10 still did)."""
-        return _times(self._trusted(alpha, grad_at_a_plus, IMPLIED_STEP_RADIUS), grad_at_a_plus)
+        return _times(self._trusted(alpha, grad_at_a_plus), grad_at_a_plus)
 
     def inner_steps(self, loss_fn: LossFn, a: Sequence[Tensor], steps: int) -> tuple[list[Tensor], Tensor | None]:
         """Step 1, not differentiated: ``steps`` plain steps A ← A − α ∇_A L(A, B).
@@ -351,9 +350,7 @@ class BilevelSolver:
             return self.hypergradient_unrolled(loss_fn)
         if self.cfg.low_memory:
             return self.hypergradient_low_memory(loss_fn)
-        if self.cfg.hypergradient == "truncated":
-            return self.hypergradient_truncated(loss_fn)
-        return self.hypergradient_paper(loss_fn)
+        return self.hypergradient_one_step(loss_fn)
 
     def _twice_differentiable_gradient(self, loss_fn: LossFn, a: list[Tensor], b: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """L(a, b) and scale · ∇_a L with its graph kept (create_graph) for a second derivative."""
@@ -362,47 +359,39 @@ class BilevelSolver:
             grad_a = torch.autograd.grad(loss * self.scale, a, create_graph=True)
         return loss, list(grad_a)
 
-    def hypergradient_paper(self, loss_fn: LossFn) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        """The paper's formula: ∇_B L(A⁺, B) − H_BA(A, B)[α ∇_A L(A⁺, B)] (D2), the graph of the
-        first inner step kept for the cross-Hessian product."""
-        a, b = _leaves(self.a), _leaves(self.b)
-        loss_before, grad_a_scaled = self._twice_differentiable_gradient(loss_fn, a, b)  # holds its graph
+    def _kept_step(self) -> int:
+        """Which inner step's graph the cross-Hessian term is taken from (D2): the first (paper)
+        or the last (truncated); the number of plain inner steps before it."""
+        return self.cfg.inner_steps - 1 if self.cfg.hypergradient == "truncated" else 0
+
+    def hypergradient_one_step(self, loss_fn: LossFn) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """∇_B L(A⁺, B) − H_BA(A_k, B)[α ∇_A L(A⁺, B)] with the graph of one inner step k kept
+        (D2): k = 0 is the paper's formula, k = T − 1 back-propagation through the last inner step
+        (A_{T−1} held constant). The same passes either way (T − 1 plain, one twice
+        differentiated, one plain); for T = 1 both are the exact derivative."""
+        kept = self._kept_step()
+        a_k, loss_before = self.inner_steps(loss_fn, self.a, kept)
+        a, b = _leaves(a_k), _leaves(self.b)
+        loss_k, grad_a_scaled = self._twice_differentiable_gradient(loss_fn, a, b)  # holds its graph
+        loss_before = loss_k.detach() if loss_before is None else loss_before
         grad_a = [g.detach() / self.scale for g in grad_a_scaled]
         alpha = self.inner_step_size(grad_a)
-        a_plus = _minus(self.a, _times(alpha, grad_a))  # first inner step, from the kept pass
-        a_plus, _ = self.inner_steps(loss_fn, a_plus, self.cfg.inner_steps - 1)
+        a_plus = _minus([t.detach() for t in a_k], _times(alpha, grad_a))  # inner step k, from the kept pass
+        a_plus, _ = self.inner_steps(loss_fn, a_plus, self.cfg.inner_steps - 1 - kept)
         _, at_a_plus = loss_and_gradients(loss_fn, a_plus, self.b, self.embedding, of=("a", "b"), scale=self.scale)
         h = cross_hessian_vector_product(grad_a_scaled, b, self._implied_step(alpha, at_a_plus["a"]))  # scale · H_BA[v]
-        grad_f = [gb - hb / self.scale for gb, hb in zip(at_a_plus["b"], h)]
-        return grad_f, a_plus, loss_before.detach()
-
-    def hypergradient_truncated(self, loss_fn: LossFn) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        """Back-propagation through the last inner step only (D2, an option): with A_{T−1} held
-        constant, ∇F(B) ≈ ∇_B L(A_T, B) − H_BA(A_{T−1}, B)[α ∇_A L(A_T, B)]. The same passes
-        as ``hypergradient_paper`` (T − 1 plain, one twice differentiated, one plain); exact for
-        T = 1, where both are the same formula."""
-        a_prev, loss_before = self.inner_steps(loss_fn, self.a, self.cfg.inner_steps - 1)  # A_{T−1}
-        a, b = _leaves(a_prev), _leaves(self.b)
-        loss_prev, grad_a_scaled = self._twice_differentiable_gradient(loss_fn, a, b)  # holds its graph
-        loss_before = loss_prev.detach() if loss_before is None else loss_before
-        grad_a = [g.detach() / self.scale for g in grad_a_scaled]
-        alpha = self.inner_step_size(grad_a)
-        a_plus = _minus([t.detach() for t in a_prev], _times(alpha, grad_a))  # the last inner step
-        _, at_a_plus = loss_and_gradients(loss_fn, a_plus, self.b, self.embedding, of=("a", "b"), scale=self.scale)
-        h = cross_hessian_vector_product(grad_a_scaled, b, self._implied_step(alpha, at_a_plus["a"]))
         grad_f = [gb - hb / self.scale for gb, hb in zip(at_a_plus["b"], h)]
         return grad_f, a_plus, loss_before
 
     def hypergradient_low_memory(self, loss_fn: LossFn) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        """Same value as ``hypergradient_paper`` / ``hypergradient_truncated``; the kept graph is
-        built last, at A (paper) or A_{T−1} (truncated), after A⁺ is known (D6)."""
+        """Same value as ``hypergradient_one_step``; the kept graph is built last, at A (paper) or
+        A_{T−1} (truncated), after A⁺ is known (D6)."""
         a_prev, loss_before = self.inner_steps(loss_fn, self.a, self.cfg.inner_steps - 1)
         a_plus, last = self.inner_steps(loss_fn, a_prev, 1)
         loss_before = last if loss_before is None else loss_before
         _, at_a_plus = loss_and_gradients(loss_fn, a_plus, self.b, self.embedding, of=("a", "b"), scale=self.scale)
-        # α of the step whose cross-Hessian is taken: the first (paper) or the last (truncated)
-        v = self._implied_step(self._alphas[-1 if self.cfg.hypergradient == "truncated" else 0], at_a_plus["a"])
-        at = a_prev if self.cfg.hypergradient == "truncated" else self.a
+        v = self._implied_step(self._alphas[self._kept_step()], at_a_plus["a"])  # α of the kept step
+        at = a_prev if self._kept_step() else self.a
         a, b = _leaves(at), _leaves(self.b)
         _, grad_a_scaled = self._twice_differentiable_gradient(loss_fn, a, b)
         h = cross_hessian_vector_product(grad_a_scaled, b, v)
@@ -412,7 +401,7 @@ class BilevelSolver:
 
     def hypergradient_unrolled(self, loss_fn: LossFn) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """The exact ∇F(B) of the T-step F(B) = L(A_T(B), B): back-propagation through every
-        inner step (each one twice differentiated). Equals ``hypergradient_paper`` for T = 1."""
+        inner step (each one twice differentiated). Equals ``hypergradient_one_step`` for T = 1."""
         a, b = _leaves(self.a), _leaves(self.b)
         loss_before = None
         for _ in range(self.cfg.inner_steps):
