@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.seqlora-installed
 
-.PHONY: setup demo test bench ui clean
+.PHONY: setup demo test bench ui clean toy-base
 
 setup: $(STAMP)
 
@@ -24,7 +24,11 @@ test: setup
 	$(PY) -m pytest -q
 
 ui: setup
-	$(PY) -m seqlora_ui --base tiny
+	$(PY) -m seqlora_ui --base toy
+
+# Rebuild the shipped toy base (seqlora_core/hosts/weights/toy.*) from its seed: about 35 min on 2 cores
+toy-base: setup
+	$(PY) -m seqlora_core.toy.pretrain
 
 bench: setup
 	$(PY) bench/step_cost.py

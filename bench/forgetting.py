@@ -52,6 +52,8 @@ from forgetting_report import update_results_md, write_plot  # noqa: E402
 
 from seqlora_core.app.demo import STREAM, write_photos  # noqa: E402
 from seqlora_core.app.evaluate import concept_loss, crosstalk, residual_size  # noqa: E402
+from seqlora_core.app.identify import (base_loss, bleed, identification, references,  # noqa: E402
+                                       regional_identification)
 from seqlora_core.app.images import load_images  # noqa: E402
 from seqlora_core.errors import SeqLoRAError  # noqa: E402
 from seqlora_core.hosts.diffusers_host import DiffusersHost  # noqa: E402
@@ -64,6 +66,10 @@ PHOTOS = STREAM + (("<galaxy>", "galaxy", "hubble_deep_field"), ("<tissue>", "ti
 METHODS = ("seqlora", "alternating", "frozen-basis", "lora", "independent")
 PRESETS = ("default", "unet-cross")
 RANDOM_BASES = ("tiny", "sd15-random")
+SMALL_BASES = ("tiny", "toy")  # 64 px, the small learning rates and minibatch counts
+TOY_NOTE = ("The toy base has learned only its toy world (coloured shapes), pretrained here on the CPU: the "
+            "figures show how each method learns and keeps photo concepts on a base that has learned, not "
+            "SD-1.5's image quality.")
 HONESTY = ("The base has random weights: these figures show the machinery (how much each method lets "
            "concepts disturb one another, measured with fixed noise), not image quality.")
 
@@ -75,11 +81,14 @@ def train_settings(args, method: str, preset: str, index: int, seed: int) -> Tra
                          lr_embedding=args.lr_embedding, targets=preset, seed=seed * 1000 + index)
 
 
-def run_stream(host, args, method: str, preset: str, seed: int, stream, pixels) -> dict:
-    """Train the stream with one method and preset; measure after every concept and at the end."""
+def run_stream(host, args, method: str, preset: str, seed: int, stream, pixels, world=None) -> dict:
+    """Train the stream with one method and preset; measure after every concept and at the end.
+    ``world`` (a base that has learned, ``toy``): also identification, bleed and regional
+    composition on generated pictures (``seqlora_core.app.identify``)."""
     bank = new_bank(host)
     losses: list[list[float]] = []  # losses[k][i]: concept i after concept k (i <= k)
     seconds = []
+    identified_own = []
     with PeakMemory(host.device) as memory:
         for k, (token, init_word, _) in enumerate(stream):
             settings = train_settings(args, method, preset, k, seed)
@@ -89,8 +98,10 @@ def run_stream(host, args, method: str, preset: str, seed: int, stream, pixels) 
             bank = bank.with_concept(result.concept)
             seconds.append(result.seconds)
             losses.append([concept_loss(host, bank, t, pixels[t]) for t, _, _ in stream[:k + 1]])
+            if world is not None:  # with every concept so far loaded, as a user of the bank would
+                identified_own.append(identification(host, bank, [token], world["refs"], None, IDENTIFY_SEEDS)["accuracy"])
             print(f"    {method:<12} {preset:<10} seed {seed} {token:<12} {result.seconds:6.1f} s  "
-                  f"loss {losses[-1][-1]:.5f}", flush=True)
+                  f"loss {losses[-1][-1]:.5f}" + (f"  identified {identified_own[-1]:.0%}" if world else ""), flush=True)
     n = len(stream)
     forgetting = [[losses[k][i] - losses[i][i] if k > i else None for k in range(n)] for i in range(n)]
     final = [forgetting[i][n - 1] for i in range(n - 1)]
@@ -100,7 +111,9 @@ def run_stream(host, args, method: str, preset: str, seed: int, stream, pixels) 
     sizes = [residual_size(bank, c.id) for c in bank.concepts]
     inter = bank_interference(bank)  # from the statistics stored with each concept
     inter_values = [v for row in inter.matrix for v in row if v is not None]
+    quality = world_quality(host, bank, stream, losses, identified_own, world) if world is not None else {}
     return {
+        **quality,
         "method": method, "preset": preset, "seed": seed, "concepts": [t for t, _, _ in stream],
         "losses": losses, "forgetting": forgetting,
         "mean_forgetting": statistics.fmean(final) if final else 0.0,
@@ -121,7 +134,34 @@ def run_stream(host, args, method: str, preset: str, seed: int, stream, pixels) 
     }
 
 
-SUMMARY_KEYS = ("mean_forgetting", "worst_forgetting", "own_loss", "composition_loss", "crosstalk_other_prompts",
+IDENTIFY_SEEDS = (0, 1)
+
+
+def world_quality(host, bank, stream, losses, identified_own: list[float], world: dict) -> dict:
+    """On a base that has learned: each concept identified right after its training and after
+    the whole stream, its own loss against the base's, bleed on the base's held-out captions and
+    two concepts in two regions (pairs 1+2, 3+4, …)."""
+    tokens = [t for t, _, _ in stream]
+    after_all = identification(host, bank, tokens, world["refs"], None, IDENTIFY_SEEDS)["per_token"]
+    identified_all = [after_all[t] for t in tokens]
+    pairs = [(tokens[i], tokens[i + 1]) for i in range(0, len(tokens) - 1, 2)]
+    regional = regional_identification(host, bank, pairs, world["refs"], (0,)) if pairs else None
+    spill = bleed(host, bank, world["captions"], (0,), base_pictures=world["base_pictures"])
+    own = [losses[i][i] for i in range(len(tokens))]
+    return {"identified_own": identified_own, "identified_all": identified_all,
+            "identification_own": statistics.fmean(identified_own),
+            "identification_all": statistics.fmean(identified_all),
+            "identification_forgetting": statistics.fmean(a - b for a, b in zip(identified_own, identified_all)),
+            "base_losses": [world["base_losses"][t] for t in tokens],
+            "own_loss_over_base": statistics.fmean(o / world["base_losses"][t] for o, t in zip(own, tokens)),
+            "bleed": spill, "bleed_captions_followed": spill["captions_followed"],
+            "bleed_pixel_change": spill["pixel_change"], "bleed_eps_change": spill["eps_change"],
+            "regional": regional, "regional_own": regional["own_region"] if regional else None,
+            "regional_both": regional["both"] if regional else None}
+
+
+SUMMARY_KEYS = ("identification_own", "identification_all", "identification_forgetting", "own_loss_over_base",
+                "bleed_captions_followed", "bleed_pixel_change", "bleed_eps_change", "regional_own", "regional_both","mean_forgetting", "worst_forgetting", "own_loss", "composition_loss", "crosstalk_other_prompts",
                 "crosstalk_other_prompts_abs", "residual_norm", "residual_max_entry",
                 "crosstalk_neutral_prompt", "composition_drift", "interference_mean", "seconds_per_concept",
                 "peak_memory_mb")
@@ -145,7 +185,7 @@ def summarise(runs: list[dict]) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base", default="tiny", help="tiny | sd15-random | PATH (diffusers folder or .safetensors)")
+    p.add_argument("--base", default="toy", help="toy | tiny | sd15-random | PATH (diffusers folder or .safetensors)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--concepts", type=int, default=4, help=f"stream length (1-{len(PHOTOS)})")
     p.add_argument("--steps", type=int, default=None, help="minibatches per concept (default 30 on tiny, 200 otherwise)")
@@ -172,7 +212,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.merge:
         return args
-    tiny = args.base == "tiny"
+    tiny = args.base in SMALL_BASES
     args.steps = args.steps or (30 if tiny else 200)
     args.resolution = args.resolution or (64 if tiny else 512)
     args.lr_a = args.lr_a or (2e-3 if tiny else 1e-4)
@@ -245,6 +285,11 @@ def main(argv=None) -> dict:
         folders = write_photos(Path(tmp), stream)
         pixels = {token: load_images([folders[token]], args.resolution) for token, _, _ in stream}
     random_base = args.base in RANDOM_BASES
+    world = None
+    if args.base == "toy":  # a base that has learned its world: quality on generated pictures too
+        from seqlora_core.toy.world import held_out_specs
+        world = {"refs": references(pixels), "captions": held_out_specs(), "base_pictures": {},
+                 "base_losses": {t: base_loss(host, f"a photo of a {w}", pixels[t]) for t, w, _ in stream}}
     print(f"forgetting benchmark on {args.base} ({host.device}), {len(stream)} concepts, {args.steps} minibatches "
           f"x K={args.bilevel_iters}, methods {', '.join(args.methods)}, presets {', '.join(args.presets)}, "
           f"seeds {args.seeds}", flush=True)
@@ -255,7 +300,7 @@ def main(argv=None) -> dict:
         for preset in args.presets:
             for method in args.methods:
                 try:
-                    runs.append(run_stream(host, args, method, preset, seed, stream, pixels))
+                    runs.append(run_stream(host, args, method, preset, seed, stream, pixels, world))
                 except SeqLoRAError as exc:  # e.g. divergence: recorded and left out of the summary
                     print(f"    {method:<12} {preset:<10} seed {seed} FAILED: {exc}", flush=True)
                     failed.append({"method": method, "preset": preset, "seed": seed, "error": str(exc)})
@@ -271,8 +316,9 @@ def main(argv=None) -> dict:
                      "rank": args.rank, "lr_a": args.lr_a, "lr_b": args.lr_b, "lr_embedding": args.lr_embedding,
                      "seeds": args.seeds, "methods": args.methods, "presets": args.presets,
                      "concepts": [t for t, _, _ in stream], "dtype": "float32",
+                     "identify_seeds": len(IDENTIFY_SEEDS) if world else 0,
                      "threads": torch.get_num_threads()},
-        "note": HONESTY if random_base else "Real base weights.",
+        "note": HONESTY if random_base else TOY_NOTE if args.base == "toy" else "Real base weights.",
         "seconds_total": time.time() - start, "summary": summary, "runs": runs, "failed": failed,
     }
     write_result(result, args)
@@ -288,6 +334,15 @@ def print_summary(summary: dict) -> None:
                   f"{m['composition_loss']['mean']:12.5f} {m['crosstalk_other_prompts']['mean']:11.3f} "
                   f"{m['crosstalk_neutral_prompt']['mean']:11.3f} {m['seconds_per_concept']['mean']:9.1f} "
                   f"{m['peak_memory_mb']['mean']:9.0f}")
+    if any("identification_own" in m for methods in summary.values() for m in methods.values()):
+        print(f"{'preset':<11} {'method':<12} {'ident. own':>10} {'after all':>9} {'loss/base':>9} "
+              f"{'captions':>8} {'pixels':>7} {'regions':>7}")
+        for preset, methods in summary.items():
+            for method, m in methods.items():
+                print(f"{preset:<11} {method:<12} {m['identification_own']['mean']:10.1%} "
+                      f"{m['identification_all']['mean']:9.1%} {m['own_loss_over_base']['mean']:9.3f} "
+                      f"{m['bleed_captions_followed']['mean']:8.1%} {m['bleed_pixel_change']['mean']:7.2f} "
+                      f"{m['regional_own']['mean']:7.1%}")
 
 
 if __name__ == "__main__":

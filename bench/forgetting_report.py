@@ -126,7 +126,7 @@ def markdown(result: dict, json_name: str, section: str = "forgetting") -> str:
         command += f" --methods {','.join(s['methods'])}"
     if s["presets"] != ["default", "unet-cross"]:
         command += f" --presets {','.join(s['presets'])}"
-    if s["resolution"] != (64 if s["base"] == "tiny" else 512):
+    if s["resolution"] != (64 if s["base"] in ("tiny", "toy") else 512):
         command += f" --resolution {s['resolution']}"
     merged = result.get("merged_from")
     how = ""
@@ -169,6 +169,7 @@ def markdown(result: dict, json_name: str, section: str = "forgetting") -> str:
                          f"{_cell(v['peak_memory_mb'], '.0f')} |")
     for f in result.get("failed", []):
         lines.append(f"| {f['preset']} | {f['method']} (seed {f['seed']}) | failed: {f['error']} | | | | | | | | | | | |")
+    lines += quality_table(result)
     lines += ["", "Forgetting: a concept's denoising loss (fixed images, noise and timesteps) after the whole stream "
               "minus right after its own training, over every concept but the last. Composition loss: mean loss of "
               "every concept with all applied. Crosstalk: how far one concept alone moves the noise prediction of "
@@ -183,6 +184,44 @@ def markdown(result: dict, json_name: str, section: str = "forgetting") -> str:
               f"Reproduce: `{command}`{how} (JSON: `bench/results/{json_name}`, plot beside it).", "",
               f"![forgetting curves and matrices](results/{Path(json_name).with_suffix('.png').name})", end]
     return "\n".join(lines)
+
+
+QUALITY = (("identification_own", "identified right after its training", ".1%"),
+           ("identification_all", "identified after the whole stream", ".1%"),
+           ("identification_forgetting", "identification lost", "+.1%"),
+           ("own_loss_over_base", "own loss ÷ base's", ".3f"),
+           ("bleed_captions_followed", "base captions followed, all loaded", ".1%"),
+           ("bleed_pixel_change", "their pixels' change (0-255)", ".2f"),
+           ("bleed_eps_change", "their ε change (RMS)", ".4f"),
+           ("regional_own", "two in two regions: each in its own", ".1%"),
+           ("regional_both", "both regions right", ".1%"))
+
+
+def _pct(stat: dict, fmt: str) -> str:
+    if "%" not in fmt:
+        return _cell(stat, fmt)
+    scaled = {**stat, "mean": stat["mean"] * 100, "std": stat["std"] * 100}
+    return _cell(scaled, fmt.replace("%", "f")) + " %"
+
+
+def quality_table(result: dict) -> list[str]:
+    """The table on generated pictures (a base that has learned: ``toy``), when the runs have it."""
+    rows = [(p, m, v) for p, methods in result["summary"].items() for m, v in methods.items() if QUALITY[0][0] in v]
+    if not rows:
+        return []
+    base = result["runs"][0].get("bleed", {}).get("captions_followed_base")
+    lines = ["", "On generated pictures: \"a photo of <token>\" identified as the concept's own photo among the "
+             f"stream's {len(result['settings']['concepts'])} (nearest colour histogram; chance "
+             f"{1 / len(result['settings']['concepts']):.1%}), {result['settings'].get('identify_seeds', 2)} "
+             "seeds per concept, every concept so far loaded; own loss ÷ base's: the concept's ε-loss on its photos "
+             "over the base's for \"a photo of a <init word>\"; bleed on the base's 9 held-out captions (the "
+             f"base alone follows {base:.1%} of them); regions: concepts 1+2, 3+4, … side by side, each half's crop "
+             "identified among all concepts.", "",
+             "| targets | method | " + " | ".join(label for _, label, _ in QUALITY) + " |",
+             "|---|---|" + "---|" * len(QUALITY)]
+    for preset, method, v in rows:
+        lines.append(f"| {preset} | {method} | " + " | ".join(_pct(v[k], f) if k in v else "-" for k, _, f in QUALITY) + " |")
+    return lines
 
 
 def update_results_md(result: dict, path: Path, json_name: str, section: str = "forgetting") -> None:

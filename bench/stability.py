@@ -94,9 +94,11 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--no-lora", action="store_true", help="skip the unconstrained baseline")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "stability-tiny-cpu.json"))
+    ap.add_argument("--base", default="tiny", choices=("tiny", "toy"))
+    ap.add_argument("--out", default=None, help="default bench/results/stability-<base>-cpu.json")
     args = ap.parse_args()
-    host = DiffusersHost.load("tiny", "cpu")
+    args.out = args.out or str(ROOT / "bench" / "results" / f"stability-{args.base}-cpu.json")
+    host = DiffusersHost.load(args.base, "cpu")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         photos = write_photos(Path(tmp))

@@ -18,13 +18,14 @@ def serve(base: str, bank: str, port: int, device: str = "auto", steps: int = 25
     def factory():  # one model for the app's lifetime, loaded on first use
         return DiffusersHost.load(base, device)
 
-    resolution = 64 if base == "tiny" else 512
+    small = base in ("tiny", "toy")  # tiny's 64 px modules; toy has learned, so it gets real sampling steps
+    resolution = 64 if small else 512
 
     def sample(bank, prompt, ids, strengths, size, sample_steps):
         return generate(factory(), bank, prompt, ids, strengths, steps=sample_steps, resolution=size)
 
     session = TabSession(factory, Path(bank), resolution=resolution, sample=sample,
-                         sample_steps=steps if base != "tiny" else 4,
+                         sample_steps={"tiny": 4, "toy": 20}.get(base, steps),
                          export_dir=Path(bank).resolve().parent / "exports")
     tab = build_tab(session)
     tab.queue().launch(server_name="127.0.0.1", server_port=port, show_error=True, prevent_thread_lock=False)
@@ -32,7 +33,7 @@ def serve(base: str, bank: str, port: int, device: str = "auto", steps: int = 25
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m seqlora_ui", description="Serve the SeqLoRA tab (gradio) on 127.0.0.1.")
-    p.add_argument("--base", default="tiny", help="tiny | sd15-random | PATH")
+    p.add_argument("--base", default="toy", help="toy (pretrained on the toy world) | tiny | sd15-random | PATH")
     p.add_argument("--bank", default="out/ui/bank.safetensors")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default="auto")

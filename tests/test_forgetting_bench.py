@@ -13,8 +13,8 @@ def test_forgetting_benchmark_two_concepts_two_steps(tmp_path):
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text("# Results\n\nkept text\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT), SEQLORA_CACHE=str(ROOT / ".cache"))
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "forgetting.py"), "--concepts", "2", "--steps", "2",
-                           "--threads", "1", "--out", str(tmp_path), "--results-md", str(results_md)],
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "forgetting.py"), "--base", "tiny", "--concepts", "2",
+                           "--steps", "2", "--threads", "1", "--out", str(tmp_path), "--results-md", str(results_md)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "random weights" in proc.stdout  # honesty about the base, in the output itself
@@ -78,3 +78,24 @@ def test_forgetting_benchmark_two_concepts_two_steps(tmp_path):
     second.write_text(json.dumps(other))
     differ = merge(first, second, out="differ")
     assert differ.returncode != 0 and "settings differ" in differ.stderr and "steps" in differ.stderr
+
+
+def test_forgetting_benchmark_on_toy_measures_generated_pictures(tmp_path):
+    """On the toy base the runs also identify concepts, measure bleed and two regions."""
+    results_md = tmp_path / "RESULTS.md"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SEQLORA_CACHE=str(ROOT / ".cache"))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "forgetting.py"), "--base", "toy", "--concepts", "2",
+                           "--steps", "2", "--methods", "seqlora,independent", "--presets", "unet-cross",
+                           "--threads", "1", "--out", str(tmp_path), "--results-md", str(results_md)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "forgetting-toy-cpu.json").read_text())
+    assert data["settings"]["random_weights"] is False and "toy world" in data["note"]
+    for run in data["runs"]:
+        assert len(run["identified_own"]) == len(run["identified_all"]) == 2
+        assert all(0 <= v <= 1 for v in run["identified_own"] + run["identified_all"])
+        assert run["bleed"]["n"] == 9 and 0 <= run["bleed_captions_followed"] <= 1
+        assert run["bleed"]["captions_followed_base"] >= 0.8  # two 2-minibatch concepts: the base still draws
+        assert run["regional"]["pictures"] == 1 and run["own_loss_over_base"] > 0
+    text = results_md.read_text()
+    assert "identified right after its training" in text and text.count("| unet-cross |") == 4

@@ -226,8 +226,14 @@ def cmd_export(args) -> None:
 def cmd_generate(args) -> None:
     from ..sampling.generate import generate
 
-    host, bank = _host_bank(args, Path(args.bank))
-    ids, strengths = bank.parse_selection(args.concepts)
+    if args.bank:
+        host, bank = _host_bank(args, Path(args.bank))
+        ids, strengths = bank.parse_selection(args.concepts)
+    else:  # the base alone: what it draws before any concept
+        from ..method.trainer import new_bank
+
+        host = _load_host(args)
+        bank, ids, strengths = new_bank(host), [], {}
     resolution = args.resolution or default_resolution(host)
     regions = [parse_region(r) for r in args.region or []]
     controls = load_controls(host, args, resolution)
@@ -282,7 +288,7 @@ def cmd_eval(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, device=args.device)
+    run_demo(Path(args.out), steps=args.steps, device=args.device, base=args.base)
 
 
 
@@ -295,7 +301,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _host_args(sp: argparse.ArgumentParser, with_resolution: bool = True) -> None:
-    sp.add_argument("--base", required=True, help="tiny | sd15-random | PATH (diffusers folder or .safetensors)")
+    sp.add_argument("--base", required=True, help="tiny | toy | sd15-random | PATH (diffusers folder or .safetensors)")
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda")
     sp.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                     help="the model's precision (auto: fp16 on CUDA, fp32 on CPU); LoRA factors stay fp32")
@@ -375,8 +381,8 @@ def _add_export(sub) -> None:
 
 
 def _add_generate(sub) -> None:
-    g = sub.add_parser("generate", help="render a prompt with concepts composed")
-    g.add_argument("--bank", required=True)
+    g = sub.add_parser("generate", help="render a prompt with concepts composed (or the base alone)")
+    g.add_argument("--bank", default=None, help="bank file (default: none, the base alone)")
     _host_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative", default="")
@@ -403,8 +409,9 @@ def _add_eval(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    d = sub.add_parser("demo", help="train a stream of concepts from real photos on tiny and report forgetting")
+    d = sub.add_parser("demo", help="train a stream of concepts from real photos on toy and report forgetting")
     d.add_argument("--out", default="out/demo")
+    d.add_argument("--base", default="toy", choices=("toy", "tiny"), help="toy (pretrained on the toy world) | tiny (random weights)")
     d.add_argument("--steps", type=int, default=30)
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=cmd_demo)

@@ -5,6 +5,8 @@ they do and do not cover (the stored top-q principal directions; random-weight b
 """
 from __future__ import annotations
 
+import json
+
 from ..method.interference import ExposureForecast, Interference, concept_moments, measured_exposure
 
 RANDOM_BASES = ("sd15-tiny",)
@@ -14,11 +16,17 @@ MATRIX_MEANING = ("interference[row][column]: energy of the column concept's res
 
 
 def honesty_line(bank) -> str | None:
-    """A warning when the bank belongs to a random-weight base (its figures show the machinery)."""
-    if bank.base.get("architecture") in RANDOM_BASES:
-        return ("note: this bank was trained on the random-weight tiny model; the figures show the machinery, "
-                "not how real concepts interact")
-    return None
+    """A warning when the bank belongs to a random-weight base (its figures show the machinery),
+    or to the toy base (a small model that has learned only its toy world)."""
+    if bank.base.get("architecture") not in RANDOM_BASES:
+        return None
+    from ..hosts.base_models import TOY_RECORD
+
+    if TOY_RECORD.exists() and bank.base.get("fingerprint") == json.loads(TOY_RECORD.read_text()).get("fingerprint"):
+        return ("note: this bank was trained on the toy base, which has learned only a world of coloured shapes; "
+                "the figures show how concepts interact there, not on SD-1.5")
+    return ("note: this bank was trained on the random-weight tiny model; the figures show the machinery, "
+            "not how real concepts interact")
 
 
 def _fmt(value: float | None) -> str:

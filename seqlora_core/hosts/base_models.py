@@ -2,6 +2,9 @@
 
 ``tiny``        SD-1.5 block structure with small widths, random weights from a fixed seed, the
                 real CLIP BPE vocabulary: the embedded default for tests and the demo.
+``toy``         ``tiny``'s modules pretrained here on a procedural, captioned toy world
+                (``seqlora_core/toy``): a base that has learned, for measuring quality; its
+                fp16 weights ship in ``weights/`` and are checked against their recorded hash.
 ``sd15-random`` the full-size SD-1.5 architecture with random weights (benchmarks).
 PATH            a real SD-1.5: a diffusers folder, or one original-format ``.safetensors`` file
                 (converted by diffusers' single-file loaders against our shipped configs).
@@ -21,6 +24,9 @@ from ..errors import InputError
 
 CONFIGS = Path(__file__).parent / "configs"
 BASE_SEED = 20260521
+TOY_WEIGHTS = Path(__file__).parent / "weights" / "toy.safetensors"
+TOY_RECORD = TOY_WEIGHTS.with_suffix(".json")
+EMBEDDED_BASES = ("tiny", "toy", "sd15-random")
 
 
 @dataclass
@@ -56,6 +62,42 @@ def random_components(name: str) -> Components:
     return Components(unet, vae, text_encoder, load_clip_tokenizer(),
                       _read(folder / "scheduler" / "scheduler_config.json"),
                       "sd15-tiny" if name == "tiny" else "sd15")
+
+
+def toy_record(weights: Path = TOY_WEIGHTS) -> dict:
+    """What ``toy.json`` records of the shipped toy weights: hash, latent scale, provenance, figures."""
+    path = weights.with_suffix(".json")
+    if not path.exists():
+        raise InputError(f"The toy base's weights are missing ({path}); rebuild them with "
+                         "python -m seqlora_core.toy.pretrain.")
+    return json.loads(path.read_text())
+
+
+def toy_components(weights: Path = TOY_WEIGHTS) -> Components:
+    """``tiny``'s modules with the shipped pretrained weights (the token-embedding table, never
+    trained, comes from ``tiny``'s seed), after checking the file against its recorded sha256."""
+    import hashlib
+
+    from safetensors.torch import load as load_safetensors
+
+    record = toy_record(weights)
+    data = weights.read_bytes() if weights.exists() else b""
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise InputError(f"{weights.name} does not match the sha256 in {weights.with_suffix('.json').name} (missing, truncated "
+                         "or replaced); rebuild it with python -m seqlora_core.toy.pretrain.")
+    state = load_safetensors(data)
+    parts = random_components("tiny")
+    for prefix, module in (("unet", parts.unet), ("vae", parts.vae), ("text_encoder", parts.text_encoder)):
+        own = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        if prefix == "text_encoder" and not any(k.startswith("text_model.") for k in module.state_dict()):
+            own = {k.removeprefix("text_model."): v for k, v in own.items()}  # transformers >= 5
+        missing, unexpected = module.load_state_dict(own, strict=False)
+        missing = [k for k in missing if not k.endswith(("token_embedding.weight", "position_ids"))]
+        if missing or unexpected:
+            raise InputError(f"{weights.name} does not fit the tiny {prefix} "
+                             f"({len(missing)} missing, {len(unexpected)} unexpected weights).")
+    parts.vae.register_to_config(scaling_factor=record["vae_scaling_factor"])
+    return parts
 
 
 def folder_components(path: Path) -> Components:
@@ -109,9 +151,11 @@ def single_file_components(path: Path) -> Components:
 def load_components(base: str) -> Components:
     if base in ("tiny", "sd15-random"):
         return random_components(base)
+    if base == "toy":
+        return toy_components()
     path = Path(os.path.expanduser(base))
     if path.is_dir():
         return folder_components(path)
     if path.is_file() and path.suffix == ".safetensors":
         return single_file_components(path)
-    raise InputError(f"Base '{base}' is neither tiny, sd15-random, a diffusers folder nor a .safetensors checkpoint.")
+    raise InputError(f"Base '{base}' is neither tiny, toy, sd15-random, a diffusers folder nor a .safetensors checkpoint.")
