@@ -325,24 +325,28 @@ def main(argv=None) -> dict:
     return result
 
 
-def print_summary(summary: dict) -> None:
-    print(f"{'preset':<11} {'method':<12} {'mean forg.':>11} {'worst':>9} {'compos. loss':>12} "
-          f"{'xtalk other':>11} {'xtalk plain':>11} {'s/concept':>9} {'peak MiB':>9}")
+LOSS_COLUMNS = (("mean forg.", "mean_forgetting", "+11.5f"), ("worst", "worst_forgetting", "+9.5f"),
+                ("compos. loss", "composition_loss", "12.5f"), ("xtalk other", "crosstalk_other_prompts", "11.3f"),
+                ("xtalk plain", "crosstalk_neutral_prompt", "11.3f"), ("s/concept", "seconds_per_concept", "9.1f"),
+                ("peak MiB", "peak_memory_mb", "9.0f"))
+PICTURE_COLUMNS = (("ident. own", "identification_own", "10.1%"), ("after all", "identification_all", "9.1%"),
+                   ("loss/base", "own_loss_over_base", "9.3f"), ("captions", "bleed_captions_followed", "8.1%"),
+                   ("pixels", "bleed_pixel_change", "7.2f"), ("regions", "regional_own", "7.1%"))
+
+
+def print_table(summary: dict, columns) -> None:
+    """One line per preset and method: the mean over seeds of each (title, key, format) column."""
+    width = lambda fmt: int("".join(ch for ch in fmt.split(".")[0] if ch.isdigit()))  # noqa: E731
+    print(f"{'preset':<11} {'method':<12} " + " ".join(f"{title:>{width(fmt)}}" for title, _, fmt in columns))
     for preset, methods in summary.items():
         for method, m in methods.items():
-            print(f"{preset:<11} {method:<12} {m['mean_forgetting']['mean']:+11.5f} {m['worst_forgetting']['mean']:+9.5f} "
-                  f"{m['composition_loss']['mean']:12.5f} {m['crosstalk_other_prompts']['mean']:11.3f} "
-                  f"{m['crosstalk_neutral_prompt']['mean']:11.3f} {m['seconds_per_concept']['mean']:9.1f} "
-                  f"{m['peak_memory_mb']['mean']:9.0f}")
+            print(f"{preset:<11} {method:<12} " + " ".join(format(m[key]["mean"], fmt) for _, key, fmt in columns))
+
+
+def print_summary(summary: dict) -> None:
+    print_table(summary, LOSS_COLUMNS)
     if any("identification_own" in m for methods in summary.values() for m in methods.values()):
-        print(f"{'preset':<11} {'method':<12} {'ident. own':>10} {'after all':>9} {'loss/base':>9} "
-              f"{'captions':>8} {'pixels':>7} {'regions':>7}")
-        for preset, methods in summary.items():
-            for method, m in methods.items():
-                print(f"{preset:<11} {method:<12} {m['identification_own']['mean']:10.1%} "
-                      f"{m['identification_all']['mean']:9.1%} {m['own_loss_over_base']['mean']:9.3f} "
-                      f"{m['bleed_captions_followed']['mean']:8.1%} {m['bleed_pixel_change']['mean']:7.2f} "
-                      f"{m['regional_own']['mean']:7.1%}")
+        print_table(summary, PICTURE_COLUMNS)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ SD-1.5 at 512 px) and with the small bases' rates (``bench/forgetting.py`` on ti
 identified as its own photo among the demo's four (``app/identify.py``). Writes
 ``bench/results/learning_curve-toy-cpu.json`` and prints the table that ``bench/RESULTS.md`` keeps.
 
-    python bench/learning_curve.py                      # toy, CPU, about 12 minutes on 2 cores
+    python bench/learning_curve.py [--concept '<coffee>'] [--threads 1]   # toy, CPU
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ from seqlora_core.settings import SETTINGS_BY_NAME  # noqa: E402
 # name → (lr_a, lr_b, lr_embedding), minibatch counts
 RATES = {"shipped": ((SETTINGS_BY_NAME["lr_a"].default, SETTINGS_BY_NAME["lr_b"].default,
                       SETTINGS_BY_NAME["lr_embedding"].default), (30, 100, 200)),
-         "forgetting bench": ((2e-3, 2e-3, 1e-2), (10, 30, 100)),
-         "demo": ((3e-3, 3e-3, 1e-2), (10, 30, 100))}
+         "forgetting bench": ((2e-3, 2e-3, 1e-2), (30, 100, 200)),
+         "demo": ((3e-3, 3e-3, 1e-2), (100,)),
+         "high": ((1e-2, 1e-2, 3e-2), (30, 100))}
 
 
 def main(argv=None) -> dict:
@@ -44,9 +45,12 @@ def main(argv=None) -> dict:
     p.add_argument("--concept", default="<chelsea>", help="one of the demo's tokens")
     p.add_argument("--method", default="seqlora")
     p.add_argument("--seeds", default="0,1,2,3", help="sampling seeds for identification")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning_curve-toy-cpu.json"))
     args = p.parse_args(argv)
     start = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     host = DiffusersHost.load(args.base, "cpu", torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         folders = write_photos(Path(tmp))

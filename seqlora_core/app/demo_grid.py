@@ -44,9 +44,13 @@ def grid_rows(host, bank: Bank, stream, photos: dict | None = None) -> list[list
 
 def write_grid(host, bank: Bank, stream, path: Path, photos: dict | None = None) -> Path:
     """The grid as one PNG at ``path``."""
+    return save_rows(grid_rows(host, bank, stream, photos), path)
+
+
+def save_rows(rows: list[list[tuple[np.ndarray, str]]], path: Path) -> Path:
+    """Rows of (64 px picture, label) as one labelled PNG at ``path``."""
     from PIL import Image, ImageDraw
 
-    rows = grid_rows(host, bank, stream, photos)
     width = max(len(r) for r in rows) * TILE
     canvas = Image.new("RGB", (width, len(rows) * (TILE + LABEL)), "white")
     draw = ImageDraw.Draw(canvas)

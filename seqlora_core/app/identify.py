@@ -91,6 +91,29 @@ def regional_identification(host: Host, bank: Bank, pairs: Sequence[tuple[str, s
     return {"own_region": own / (2 * n), "other_absent": absent / (2 * n), "both": both / n, "pictures": n}
 
 
+def denoising_identification(host: Host, bank: Bank, pixels: Mapping[str, Tensor]) -> dict:
+    """The model as a classifier of the concepts' own photos (a diffusion classifier): concept
+    i's photos are *identified* when concept i (alone, with its prompt "a photo of <t_i>") gives
+    them a lower ε-loss (fixed noise and timesteps) than any other concept alone with its own
+    prompt. No sampling, so it reads what each concept learned where a small base cannot draw a
+    photo. ``matrix[i][j]``: the loss of i's photos under concept j."""
+    from .evaluate import prompt_predictions
+
+    concepts = [c for c in bank.concepts if c.token in pixels]
+    embeddings = {c.token: c.embedding for c in concepts}
+    matrix = []
+    for c in concepts:
+        row = []
+        for other in concepts:
+            pred, noise = prompt_predictions(host, bank, f"a photo of {other.token}", pixels[c.token], [other.id],
+                                             embeddings)
+            row.append(float(((pred - noise) ** 2).mean()))
+        matrix.append(row)
+    hits = [min(range(len(row)), key=row.__getitem__) == i for i, row in enumerate(matrix)]
+    return {"tokens": [c.token for c in concepts], "matrix": matrix, "identified": hits,
+            "accuracy": sum(hits) / max(1, len(hits))}
+
+
 def base_loss(host: Host, token_prompt: str, pixels: Tensor) -> float:
     """The base's ε-loss on a concept's images for a prompt (no concept, no new token): what the
     concept's own loss is compared with."""

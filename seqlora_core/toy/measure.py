@@ -75,3 +75,21 @@ def measure_base(parts, log=print, seeds: Sequence[int] = (0, 1, 2, 3)) -> dict:
         f"training captions {seen['colours']:.1%} of {seen['n']}, shape {seen['shape']:.1%}; "
         f"VAE PSNR {figures['vae_psnr_world']:.1f} dB")
     return figures
+
+
+def caption_grid(host, specs: Sequence[world.Spec], path, per_row: int = 5, seed: int = 0):
+    """What the base alone draws for ``specs`` (one seed), labelled with what was read back:
+    the picture behind the README's view of the base."""
+    from ..app.demo_grid import save_rows
+    from ..method.trainer import new_bank
+    from ..sampling.generate import generate
+
+    bank = new_bank(host)
+    tiles = []
+    for spec in specs:
+        image = np.asarray(generate(host, bank, spec.caption, steps=SAMPLE_STEPS, guidance=GUIDANCE, resolution=64,
+                                    seed=seed))
+        got = world.read(image)
+        mark = "ok" if (got.colour, got.background) == (spec.colour, spec.background) else "MISS"
+        tiles.append((image, f"{spec.colour} {spec.shape[:3]}/{spec.background} {mark}"))
+    return save_rows([tiles[i:i + per_row] for i in range(0, len(tiles), per_row)], path)
