@@ -24,6 +24,7 @@ def grid_rows(host, bank: Bank, stream, photos: dict | None = None) -> list[list
     """Rows of (picture, label): the training photos; each concept alone; each with every
     concept loaded; two composed in one prompt, the same two in two regions, the base's caption
     on the base alone and with every concept loaded."""
+    from ..method.trainer import new_bank
     from ..sampling.regions import Region
 
     tokens = [t for t, _, _ in stream]
@@ -37,7 +38,7 @@ def grid_rows(host, bank: Bank, stream, photos: dict | None = None) -> list[list
     regions = (Region(f"a photo of {a}", (0, 0, 32, 64)), Region(f"a photo of {b}", (32, 0, 64, 64)))
     rows.append([(_picture(host, bank, f"a photo of {a} and {b}", [ids[a], ids[b]]), f"{a}+{b}"),
                  (_picture(host, bank, f"a photo of {a} and {b}", None, regions=regions), f"{a} | {b} regions"),
-                 (_picture(host, bank, BASE_CAPTION, []), "base caption, base"),
+                 (_picture(host, new_bank(host), BASE_CAPTION, None), "base caption, base"),  # ([] selects all)
                  (_picture(host, bank, BASE_CAPTION, None), "base caption, all")])
     return rows
 
