@@ -7,17 +7,15 @@ from pathlib import Path
 import numpy as np
 
 from ..bank.format import Bank
-from .identify import SAMPLE_STEPS, to_uint8
+from .identify import sample_picture, to_uint8
 
 TILE = 128  # each 64 px picture drawn at twice its size
 LABEL = 26  # pixels of caption under each tile
 BASE_CAPTION = "a yellow circle on a blue background"
 
 
-def _picture(host, bank: Bank, prompt: str, ids, seed: int = 0, regions=()) -> np.ndarray:
-    from ..sampling.generate import generate
-
-    return np.asarray(generate(host, bank, prompt, ids, steps=SAMPLE_STEPS, resolution=64, seed=seed, regions=regions))
+def _picture(host, bank: Bank, prompt: str, ids, regions=()) -> np.ndarray:
+    return sample_picture(host, bank, prompt, ids, 0, regions)
 
 
 def grid_rows(host, bank: Bank, stream, photos: dict | None = None) -> list[list[tuple[np.ndarray, str]]]:

@@ -48,7 +48,7 @@ def identify(image: np.ndarray, refs: Mapping[str, list[np.ndarray]]) -> str:
     return min(refs, key=lambda t: min(np.abs(hist - r).sum() for r in refs[t]))
 
 
-def _generate(host, bank: Bank, prompt: str, ids, seed: int, regions=(), resolution: int = 64) -> np.ndarray:
+def sample_picture(host, bank: Bank, prompt: str, ids, seed: int, regions=(), resolution: int = 64) -> np.ndarray:
     from ..sampling.generate import generate
 
     return np.asarray(generate(host, bank, prompt, ids, steps=SAMPLE_STEPS, resolution=resolution, seed=seed,
@@ -61,7 +61,7 @@ def identification(host: Host, bank: Bank, tokens: Sequence[str], refs: Mapping[
     None = all) identified as that token among ``refs``; ``accuracy`` = their mean."""
     per = {}
     for token in tokens:
-        hits = [identify(_generate(host, bank, f"a photo of {token}", ids, s, resolution=resolution), refs) == token
+        hits = [identify(sample_picture(host, bank, f"a photo of {token}", ids, s, resolution=resolution), refs) == token
                 for s in seeds]
         per[token] = sum(hits) / len(hits)
     return {"per_token": per, "accuracy": float(np.mean(list(per.values()))) if per else 0.0}
@@ -82,7 +82,7 @@ def regional_identification(host: Host, bank: Bank, pairs: Sequence[tuple[str, s
         regions = (Region(f"a photo of {left}", (0, 0, half, resolution)),
                    Region(f"a photo of {right}", (half, 0, resolution, resolution)))
         for s in seeds:
-            image = _generate(host, bank, f"a photo of {left} and {right}", None, s, regions, resolution)
+            image = sample_picture(host, bank, f"a photo of {left} and {right}", None, s, regions, resolution)
             got = (identify(image[:, :half], refs), identify(image[:, half:], refs))
             own += (got[0] == left) + (got[1] == right)
             absent += (got[0] != right) + (got[1] != left)
@@ -147,15 +147,12 @@ def bleed(host: Host, bank: Bank, specs, seeds: Sequence[int] = (0,), resolution
         for s in seeds:
             key = (spec.caption, s)
             if key not in base_pictures:
-                base_pictures[key] = _generate(host, empty, spec.caption, [], s, resolution=resolution)
-            before, after = base_pictures[key], _generate(host, bank, spec.caption, None, s, resolution=resolution)
+                base_pictures[key] = sample_picture(host, empty, spec.caption, [], s, resolution=resolution)
+            before, after = base_pictures[key], sample_picture(host, bank, spec.caption, None, s, resolution=resolution)
             pixel_change.append(float(np.abs(after.astype(np.float32) - before).mean()))
-            followed += _colours_match(world.read(after), spec)
-            followed_base += _colours_match(world.read(before), spec)
+            followed += spec.same_colours(world.read(after))
+            followed_base += spec.same_colours(world.read(before))
     n = len(specs) * len(seeds)
     return {"captions_followed": followed / n, "captions_followed_base": followed_base / n,
             "pixel_change": float(np.mean(pixel_change)), "eps_change": float(np.mean(eps_change)), "n": n}
 
-
-def _colours_match(read, spec) -> bool:
-    return read.colour == spec.colour and read.background == spec.background

@@ -34,7 +34,7 @@ def caption_accuracy(host, specs: Sequence[world.Spec], seeds: Sequence[int] = (
             image = np.asarray(generate(host, bank, spec.caption, steps=steps, guidance=guidance,
                                         resolution=resolution, seed=seed))
             got = world.read(image)
-            ok_colours = got.colour == spec.colour and got.background == spec.background
+            ok_colours = spec.same_colours(got)
             colours += ok_colours
             shape += got.shape == spec.shape
             both += ok_colours and got.shape == spec.shape
@@ -90,6 +90,6 @@ def caption_grid(host, specs: Sequence[world.Spec], path, per_row: int = 5, seed
         image = np.asarray(generate(host, bank, spec.caption, steps=SAMPLE_STEPS, guidance=GUIDANCE, resolution=64,
                                     seed=seed))
         got = world.read(image)
-        mark = "ok" if (got.colour, got.background) == (spec.colour, spec.background) else "MISS"
+        mark = "ok" if spec.same_colours(got) else "MISS"
         tiles.append((image, f"{spec.colour} {spec.shape[:3]}/{spec.background} {mark}"))
     return save_rows([tiles[i:i + per_row] for i in range(0, len(tiles), per_row)], path)

@@ -35,6 +35,11 @@ class Spec:
     shape: str
     background: str
 
+    def same_colours(self, other: "Spec") -> bool:
+        """Whether ``other`` (a picture read back) has this caption's object and background
+        colours: what "the caption is followed" means (the shape is reported apart)."""
+        return (self.colour, self.background) == (other.colour, other.background)
+
     @property
     def caption(self) -> str:
         return f"a {self.colour} {self.shape} on a {self.background} background"
