@@ -154,11 +154,11 @@ def test_attention_block_fp16_fails_without_the_fp32_norms():
 
 # -- the tiny SD-1.5 ------------------------------------------------------------------------
 
-def tiny_problem(dtype):
+def tiny_problem(dtype, base="tiny"):
     from seqlora_core.hosts.diffusers_host import DiffusersHost
     from seqlora_core.method.targets import select_layers
 
-    host = DiffusersHost.load("tiny", "cpu", dtype)
+    host = DiffusersHost.load(base, "cpu", dtype)
     layers = select_layers(host.linear_layers(), "default")
     names = list(layers)
     g = torch.Generator().manual_seed(0)
@@ -175,8 +175,8 @@ def tiny_problem(dtype):
     return host, loss_fn, a0, b0, [host.init_embedding("cat")], hooks
 
 
-def tiny_iteration(dtype, hypergradient="truncated"):
-    host, loss_fn, a0, b0, emb0, hooks = tiny_problem(dtype)
+def tiny_iteration(dtype, hypergradient="truncated", base="tiny"):
+    host, loss_fn, a0, b0, emb0, hooks = tiny_problem(dtype, base)
     cfg = BilevelConfig(method="seqlora", inner_steps=2, lr_a=1e-3, lr_b=1e-3, lr_embedding=1e-3, optimizer="sgd",
                         hypergradient=hypergradient)
     with hooks:
@@ -189,20 +189,21 @@ def tiny_iteration(dtype, hypergradient="truncated"):
 
 
 @pytest.fixture(scope="module")
-def tiny_reference():
-    return {h: tiny_iteration(torch.float32, h) for h in ("truncated", "paper")}
+def toy_reference():
+    return {h: tiny_iteration(torch.float32, h, "toy") for h in ("truncated", "paper")}
 
 
-# bf16 keeps 8 bits: on this random model the B step of ``truncated`` is 17 % off fp32 against
-# ``paper``'s 5 %. The difference is where the first inner step's gradient comes from: ``paper``
-# takes it from the twice-differentiated pass (fp32 normalisation), ``truncated`` from a plain
-# bf16 pass (A⁺ 4e-5 off fp32 against 9e-6), and ∇_B L(A⁺) is sensitive to it here; the
-# cross-Hessian term itself is 0.2 % of the step. fp16 (10 bits): 1.6 % and 1.8 %.
+# On ``toy`` (the pretrained base: the same modules as ``tiny`` with weights that learned) one
+# iteration's steps in fp16 are 0.2-0.9 % off fp32 and in bf16 (8 bits) 1.2-3.5 %, for both
+# hypergradients. It used to run on ``tiny``, whose random weights make the gradient
+# ill-conditioned in bf16: a plain bf16 pass there gave ∇_A 50-370 % off fp32 depending on the
+# latents' seed and on which SDPA kernel rounds (flash or math), so the comparison measured
+# the random model's conditioning, not our half-precision path (on toy the same pass is 1.5-6 %).
 @pytest.mark.parametrize("hypergradient,dtype,tol", [("truncated", torch.float16, 3e-2), ("paper", torch.float16, 3e-2),
-                                                     ("truncated", torch.bfloat16, 0.25), ("paper", torch.bfloat16, 0.15)])
-def test_tiny_half_precision_iteration_matches_fp32(tiny_reference, hypergradient, dtype, tol):
-    steps = tiny_iteration(dtype, hypergradient)
-    for key, ref in tiny_reference[hypergradient].items():
+                                                     ("truncated", torch.bfloat16, 0.1), ("paper", torch.bfloat16, 0.1)])
+def test_toy_half_precision_iteration_matches_fp32(toy_reference, hypergradient, dtype, tol):
+    steps = tiny_iteration(dtype, hypergradient, "toy")
+    for key, ref in toy_reference[hypergradient].items():
         assert all(torch.isfinite(t).all() for t in steps[key]), key
         print(dtype, key, rel(steps[key], ref))
         assert rel(steps[key], ref) < tol, (key, rel(steps[key], ref))
