@@ -8,6 +8,7 @@ object's and the background's colours both read back as asked (the shape is repo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,3 +94,31 @@ def caption_grid(host, specs: Sequence[world.Spec], path, per_row: int = 5, seed
         mark = "ok" if spec.same_colours(got) else "MISS"
         tiles.append((image, f"{spec.colour} {spec.shape[:3]}/{spec.background} {mark}"))
     return save_rows([tiles[i:i + per_row] for i in range(0, len(tiles), per_row)], path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m seqlora_core.toy.measure [--base toy] [--seeds 16]``: the caption figures of a
+    base with more pictures than ``toy.json`` records (4 seeds per held-out caption), for a
+    tighter estimate; ``--json FILE`` keeps every miss."""
+    import argparse
+    import json
+
+    from ..hosts.diffusers_host import DiffusersHost
+
+    p = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+    p.add_argument("--base", default="toy")
+    p.add_argument("--seeds", type=int, default=16, help="pictures per held-out caption (seeds 0..N-1)")
+    p.add_argument("--json", default="", help="write the figures and the misses here")
+    args = p.parse_args(argv)
+    host = DiffusersHost.load(args.base, "cpu", torch.float32)
+    held = caption_accuracy(host, world.held_out_specs(), range(args.seeds))
+    print(f"{args.base}: held-out captions followed (both colours) {held['colours']:.1%} of {held['n']} pictures "
+          f"({len(world.held_out_specs())} captions x {args.seeds} seeds), shape right {held['shape']:.1%}")
+    for miss in held["misses"]:
+        print("  miss:", miss)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"base": args.base, "held_out": held}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
