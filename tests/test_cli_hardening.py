@@ -1,0 +1,54 @@
+"""Held-out probes of issue 22: every bad flag, path or file is one line on stderr and exit 2,
+never a traceback, a silently changed value or a bank the reader refuses."""
+import json
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from test_cli import QUICK, assert_user_error, cli
+
+
+@pytest.fixture(scope="module")
+def one_concept_bank(tmp_path_factory, photos):
+    """A bank with one concept (one minibatch), shared by the probes that need one."""
+    bank = tmp_path_factory.mktemp("hardening") / "bank.safetensors"
+    token = list(photos)[0]
+    cli("train", "--bank", bank, "--base", "tiny", "--images", photos[token], "--token", token, *QUICK)
+    return bank, token
+
+
+def _train(bank, photos, *extra):
+    token = list(photos)[1]
+    return cli("train", "--bank", bank, "--base", "tiny", "--images", photos[token], "--token", "<probe>",
+               *QUICK, *extra, check=False)
+
+
+def _rewrite_concepts(src, dst, **changes):
+    """A copy of a bank with its first concept's metadata changed (what an older or hand-made bank holds)."""
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    concepts = json.loads(meta["concepts"])
+    concepts[0].update(changes)
+    meta["concepts"] = json.dumps(concepts)
+    save_file(tensors, str(dst), metadata=meta)
+
+
+# -- (1) a successful train run never writes a bank the reader refuses --------------------------
+@pytest.mark.parametrize("flag, value, words", [
+    ("--lr-b", "nan", ("Learning rate B", "finite")), ("--lr-embedding", "nan", ("embedding", "finite")),
+    ("--eps", "nan", ("ε", "finite")), ("--lr-a", "inf", ("Learning rate A", "finite")),
+    ("--eps", "-inf", ("finite",)), ("--lr-b", "2", ("between 0 and 1",)), ("--steps", "inf", ("whole number",)),
+    ("--resolution", "100", ("multiple of 8",))])
+def test_non_finite_or_out_of_range_setting_is_refused_before_training(one_concept_bank, photos, flag, value, words):
+    bank, _ = one_concept_bank
+    before = bank.read_bytes()
+    assert_user_error(_train(bank, photos, f"{flag}={value}"), flag, *words)  # = : "-inf" is no flag
+    assert bank.read_bytes() == before
+
+
+def test_non_finite_eps_creates_no_bank(photos, tmp_path):
+    bank = tmp_path / "new.safetensors"
+    assert_user_error(_train(bank, photos, "--eps", "nan"), "finite")
+    assert not bank.exists()
