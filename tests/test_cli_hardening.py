@@ -52,3 +52,48 @@ def test_non_finite_eps_creates_no_bank(photos, tmp_path):
     bank = tmp_path / "new.safetensors"
     assert_user_error(_train(bank, photos, "--eps", "nan"), "finite")
     assert not bank.exists()
+
+
+# -- (4) generate's numbers: no all-black picture with exit 0, no silent rounding ---------------
+def _generate(bank, *extra, out="x.png"):
+    return cli("generate", "--bank", bank, "--base", "tiny", "--prompt", "a photo", "--steps", "1",
+               "--out", out, *extra, check=False)
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--steps", "0", ("between 1 and 1000",)), ("--guidance", "nan", ("finite",)), ("--guidance", "inf", ("finite",)),
+    ("--guidance", "101", ("between 0 and 100",)), ("--resolution", "0", ("between 64 and 2048",)),
+    ("--resolution", "-8", ("between",)), ("--resolution", "4", ("between",)), ("--resolution", "100000", ("between",)),
+    ("--resolution", "100", ("multiple of 8",)), ("--seed", str(2**64), ("Seed", "between")), ("--seed", "-1", ("Seed",))])
+def test_generate_number_flags(one_concept_bank, tmp_path, flag, value, words):
+    bank, _ = one_concept_bank
+    out = tmp_path / "x.png"
+    assert_user_error(_generate(bank, f"{flag}={value}", out=out), flag, *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("strength", ["1e309", "nan", "-1e30", "11", "inf"])
+def test_generate_strength_must_be_finite_and_bounded(one_concept_bank, tmp_path, strength):
+    bank, token = one_concept_bank
+    out = tmp_path / "x.png"
+    proc = _generate(bank, "--concepts", f"{token.strip('<>')}:{strength}", out=out)
+    assert_user_error(proc, "Strength", "-10 to 10")
+    assert not out.exists()
+
+
+def test_a_token_another_concept_already_uses_is_refused(one_concept_bank, photos, tmp_path):
+    bank, _ = one_concept_bank
+    odd = tmp_path / "odd.safetensors"
+    _rewrite_concepts(bank, odd, token="<probe>")  # concept 'chelsea' answering to <probe>
+    before = odd.read_bytes()
+    assert_user_error(_train(odd, photos), "already uses the token <probe>")
+    assert odd.read_bytes() == before
+
+
+def test_bank_info_json_is_json_with_non_finite_numbers(one_concept_bank, tmp_path):
+    bank, _ = one_concept_bank
+    odd = tmp_path / "nan.safetensors"
+    _rewrite_concepts(bank, odd, final_loss=float("nan"))  # json.dumps writes a bare NaN
+    text = cli("bank", "info", odd, "--json").stdout
+    info = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert info["concepts"][0]["final_loss"] is None
