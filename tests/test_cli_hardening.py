@@ -3,6 +3,8 @@ never a traceback, a silently changed value or a bank the reader refuses."""
 import json
 
 import pytest
+import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -97,3 +99,71 @@ def test_bank_info_json_is_json_with_non_finite_numbers(one_concept_bank, tmp_pa
     text = cli("bank", "info", odd, "--json").stdout
     info = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
     assert info["concepts"][0]["final_loss"] is None
+
+
+# -- (3) one line instead of a traceback: devices, bases, places that take no file ---------------
+@pytest.mark.parametrize("device, words", [("foo", ("auto, cpu, cuda",)), ("meta", ("'meta'",)),
+                                           pytest.param("cuda", ("no CUDA GPU",), marks=pytest.mark.skipif(
+                                               torch.cuda.is_available(), reason="this machine has CUDA"))])
+def test_train_on_an_unusable_device(one_concept_bank, photos, device, words):
+    bank, _ = one_concept_bank
+    before = bank.read_bytes()
+    assert_user_error(_train(bank, photos, "--device", device), "Device", *words)
+    assert bank.read_bytes() == before
+
+
+def test_train_on_what_is_no_base(one_concept_bank, photos, tmp_path):
+    bank, _ = one_concept_bank
+    before = bank.read_bytes()
+    lora = tmp_path / "some-lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(lora))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors")
+    for base, words in [(tmp_path, ("not a diffusers SD-1.5 folder", "unet/config.json")), ("", ("Base is empty",)),
+                        (lora, ("some-lora.safetensors is not an SD-1.5 checkpoint",)),
+                        (junk, ("junk.safetensors is not a readable .safetensors file",))]:
+        proc = cli("train", "--bank", bank, "--base", base, "--images", tmp_path, "--token", "<probe>", *QUICK,
+                   check=False)
+        assert_user_error(proc, *words)
+    assert bank.read_bytes() == before
+
+
+def test_train_into_a_place_that_takes_no_file(photos, tmp_path):
+    proc = _train("/proc/seqlora-probe.safetensors", photos)
+    assert_user_error(proc, "/proc/seqlora-probe.safetensors", "no lock file")
+
+
+@pytest.mark.parametrize("out, words", [("x.unknownext", ("'.unknownext'", ".png")), ("DIR", ("is a folder",)),
+                                        ("/proc/seqlora-probe.png", ("no file can be created in /proc",)),
+                                        ("", ("path is empty",))])
+def test_generate_out_is_checked_before_the_model_loads(one_concept_bank, tmp_path, out, words):
+    bank, _ = one_concept_bank
+    out = str(tmp_path) if out == "DIR" else out if out.startswith("/") or not out else str(tmp_path / out)
+    assert_user_error(_generate(bank, out=out), *words)
+
+
+def test_generate_with_missing_control_files(one_concept_bank, tmp_path):
+    bank, _ = one_concept_bank
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    assert_user_error(_generate(bank, "--sketch", tmp_path / "nope.png", "--adapter", adapter), "sketch", "does not exist")
+    sketch = tmp_path / "sketch.png"
+    Image.new("RGB", (8, 8)).save(sketch)
+    assert_user_error(_generate(bank, "--sketch", sketch, "--adapter", tmp_path / "nope"), "adapter", "does not exist")
+
+
+@pytest.mark.parametrize("text", ["{bad json", '{"people": 3}', '{"people": [{"pose_keypoints_2d": 5}]}', "[1, 2]"])
+def test_generate_with_malformed_keypose_json(one_concept_bank, tmp_path, text):
+    bank, _ = one_concept_bank
+    pose = tmp_path / "pose.json"
+    pose.write_text(text)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    assert_user_error(_generate(bank, "--keypose", pose, "--adapter", adapter), "pose.json is not OpenPose keypoints JSON")
+
+
+@pytest.mark.parametrize("out, words", [("/proc/seqlora-probe.safetensors", ("no file can be created in /proc",)),
+                                        ("DIR", ("is a folder",)), ("", ("path is empty",))])
+def test_export_out_is_checked(one_concept_bank, tmp_path, out, words):
+    bank, _ = one_concept_bank
+    assert_user_error(cli("export", bank, "--out", str(tmp_path) if out == "DIR" else out, check=False), *words)

@@ -71,6 +71,49 @@ def print_json(value) -> None:
     print(json.dumps(_json_safe(value), allow_nan=False))
 
 
+def output_file(text: str, what: str) -> Path:
+    """An output path checked before any work: not empty, not a folder, in a place a file can be
+    created (the nearest existing folder takes a temporary file), so a long run cannot end in a
+    traceback from the final write."""
+    import tempfile
+
+    if not text.strip():
+        raise InputError(f"The {what} path is empty.")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise InputError(f"The {what} path {path} is a folder; give a file name.")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is not a folder")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise InputError(f"Cannot write the {what} {path}: no file can be created in {folder} "
+                         f"({exc.strerror or exc}).") from None
+    return path
+
+
+def image_file(text: str) -> Path:
+    """An output image path whose extension PIL can write (checked before the model loads)."""
+    from PIL import Image
+
+    path = output_file(text, "image")
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt not in Image.SAVE:
+        raise InputError(f"Cannot write an image as '{path.suffix or path.name}'; give a name ending in .png, .jpg or .webp.")
+    return path
+
+
+def input_file(text: str | None, what: str) -> None:
+    """A file or folder the run reads, checked before the model loads."""
+    if text is not None and not Path(text).expanduser().exists():
+        raise InputError(f"The {what} {text} does not exist.")
+
+
 def _load_host(args):
     from ..hosts.diffusers_host import DiffusersHost
 
@@ -267,6 +310,7 @@ def cmd_export(args) -> None:
     from ..bank.format import load_bank
     from ..bank.export import export_lora
 
+    output_file(args.out, "export")
     bank = load_bank(args.file)
     out, embeddings = export_lora(bank, _ids(args.concepts), args.out)
     print(f"wrote {out} and {len(embeddings)} embedding file(s) in {embeddings[0].parent}")
@@ -276,7 +320,12 @@ def cmd_generate(args) -> None:
     from ..bank.format import parse_selection_text
     from ..sampling.generate import generate
 
-    parse_selection_text(args.concepts)  # strengths checked before the model loads
+    parse_selection_text(args.concepts)  # strengths, paths and files checked before the model loads
+    out = image_file(args.out)
+    input_file(args.sketch, "sketch")
+    input_file(args.keypose, "keypose")
+    for adapter in args.adapter or []:
+        input_file(adapter, "adapter")
     if args.bank:
         host, bank = _host_bank(args, Path(args.bank))
         ids, strengths = bank.parse_selection(args.concepts)
@@ -290,8 +339,11 @@ def cmd_generate(args) -> None:
     controls = load_controls(host, args, resolution)
     image = generate(host, bank, args.prompt, ids, strengths, args.negative, args.steps,
                      args.guidance, resolution, args.seed, regions, controls)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(out)
+    except OSError as exc:  # the place changed while sampling
+        raise InputError(f"Cannot write the image {out}: {exc.strerror or exc}.") from None
     print(f"wrote {args.out}")
 
 
@@ -487,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except SeqLoRAError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # the last boundary for a file the checks above could not foresee
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot use{where}: {exc.strerror or str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; no file was changed", file=sys.stderr)
