@@ -167,3 +167,19 @@ def test_generate_with_malformed_keypose_json(one_concept_bank, tmp_path, text):
 def test_export_out_is_checked(one_concept_bank, tmp_path, out, words):
     bank, _ = one_concept_bank
     assert_user_error(cli("export", bank, "--out", str(tmp_path) if out == "DIR" else out, check=False), *words)
+
+
+@pytest.mark.parametrize("strength", ["nan", "1e309", "-1e30", "s=11"])
+def test_a1111_tag_strength_has_the_same_bound(strength):
+    """<seqlora:BANK:ID:STRENGTH> is parsed apart from the selection text; it shares check_strength."""
+    from types import SimpleNamespace
+
+    from a1111.network import parse_params
+    from seqlora_core.errors import SeqLoRAError
+
+    items = ["mine", "chelsea", strength]
+    params = SimpleNamespace(items=items, positional=[i for i in items if "=" not in i],
+                             named=dict(i.split("=", 1) for i in items if "=" in i))
+    with pytest.raises(SeqLoRAError, match="finite number from -10 to 10") as info:
+        parse_params([params])
+    assert "\n" not in str(info.value)

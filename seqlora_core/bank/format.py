@@ -65,6 +65,14 @@ def _token_key(token: str) -> str:
     return (inner[1:-1] if inner.startswith("<") and inner.endswith(">") else inner).lower()
 
 
+def check_strength(strength: float, what: str = "A strength") -> float:
+    """A composed concept's strength, finite and within ±MAX_STRENGTH (1e309, NaN or -1e30 gave
+    an all-black picture), the one check of every surface (CLI, nodes, tab, A1111's tags)."""
+    if not abs(strength) <= MAX_STRENGTH:  # also false for NaN
+        raise InputError(f"{what} must be a finite number from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g}.")
+    return strength
+
+
 def parse_selection_text(text: str | None) -> list[tuple[str, float | None]] | None:
     """The one concept-selection syntax of every surface, checked without a bank:
     'chelsea:0.8, <coffee>' → [('chelsea', 0.8), ('coffee', None)]; '', 'all' or '*' → None
@@ -87,9 +95,7 @@ def parse_selection_text(text: str | None) -> list[tuple[str, float | None]] | N
                 strength = float(value)
             except ValueError:
                 raise InputError(f"Strength in '{item}' is not a number; write id:0.8.") from None
-            if not abs(strength) <= MAX_STRENGTH:  # also false for NaN
-                raise InputError(f"Strength in '{item}' must be a finite number from -{MAX_STRENGTH:g} "
-                                 f"to {MAX_STRENGTH:g}.")
+            check_strength(strength, f"Strength in '{item}'")
         chosen.append((ident, strength))
     return chosen
 
