@@ -2,6 +2,8 @@
 
 Every user error prints one line to stderr and exits with code 2; the bank file is only ever
 replaced atomically after a successful run, so Ctrl-C or any failure leaves it byte-identical.
+Flags are checked while parsing, and this module imports no torch at its top, so a bad flag is
+refused in a fraction of a second, before any model or bank is touched.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from pathlib import Path
 
 from ..settings import SETTINGS_BY_NAME, TRAINING_SETTINGS, Setting, train_settings
 from ..errors import InputError, SeqLoRAError
-from ..sampling.regions import parse_region
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -319,8 +320,10 @@ def cmd_export(args) -> None:
 def cmd_generate(args) -> None:
     from ..bank.format import parse_selection_text
     from ..sampling.generate import generate
+    from ..sampling.regions import parse_region
 
-    parse_selection_text(args.concepts)  # strengths, paths and files checked before the model loads
+    parse_selection_text(args.concepts)  # strengths, regions, paths and files checked before the model loads
+    regions = [parse_region(r) for r in args.region or []]
     out = image_file(args.out)
     input_file(args.sketch, "sketch")
     input_file(args.keypose, "keypose")
@@ -335,7 +338,6 @@ def cmd_generate(args) -> None:
         host = _load_host(args)
         bank, ids, strengths = new_bank(host), [], {}
     resolution = args.resolution or default_resolution(host)
-    regions = [parse_region(r) for r in args.region or []]
     controls = load_controls(host, args, resolution)
     image = generate(host, bank, args.prompt, ids, strengths, args.negative, args.steps,
                      args.guidance, resolution, args.seed, regions, controls)
