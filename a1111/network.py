@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from seqlora_core.bank.fingerprint import base_fingerprint, same_base
-from seqlora_core.bank.format import Bank, load_bank
+from seqlora_core.bank.format import Bank, check_strength, load_bank
 from seqlora_core.errors import InputError, SeqLoRAError
 from seqlora_core.hosts.naming import compvis_layers
 from seqlora_core.method.lora import LoRAHooks
@@ -64,6 +64,7 @@ def parse_params(params_list) -> list[tuple[str, str, float]]:
             strength = float(params.named.get("s", items[2] if len(items) > 2 else 1.0))
         except ValueError:
             raise InputError(f"<seqlora:{':'.join(params.items)}>: the strength must be a number.") from None
+        check_strength(strength, f"<seqlora:{':'.join(params.items)}>: the strength")
         out.append((bank if bank.endswith(".safetensors") else bank + ".safetensors", concept, strength))
     return out
 

@@ -9,6 +9,7 @@ the optimiser and every front end can share it without importing each other.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ class Setting:
     min: float | None = None
     max: float | None = None
     step: float | None = None  # widget increment (ComfyUI, gradio)
+    multiple: int | None = None  # the value must be a multiple of this (resolution: the VAE's factor 8)
     advanced: bool = False  # folded away where the host allows
 
     @property
@@ -56,13 +58,17 @@ class Setting:
                     raise ValueError
             else:
                 out = self.kind(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             raise InputError(f"{self.label} must be {'a whole number' if self.kind is int else 'a number' if self.kind is float else 'text'}, "
                              f"not {value!r}.") from None
         if self.choices is not None and out not in self.choices:
             raise InputError(f"{self.label} must be one of {', '.join(self.choices)}, not {out!r}.")
+        if isinstance(out, float) and not math.isfinite(out):  # NaN passes every comparison below
+            raise InputError(f"{self.label} must be a finite number, not {out}.")
         if (self.min is not None and out < self.min) or (self.max is not None and out > self.max):
             raise InputError(f"{self.label} must be between {self.min:g} and {self.max:g}, not {out:g}.")
+        if self.multiple and out % self.multiple:
+            raise InputError(f"{self.label} must be a multiple of {self.multiple}, not {out:g}.")
         return out
 
 
@@ -79,7 +85,7 @@ TRAINING_SETTINGS: tuple[Setting, ...] = (
     Setting("inner_steps", int, 2, "Inner steps", "inner A steps kept differentiable in B per iteration",
             symbol="T", min=1, max=10),
     Setting("resolution", int, 512, "Resolution", "training size in pixels (square; 64 on the tiny test model)",
-            min=64, max=1024, step=64),
+            min=64, max=1024, step=64, multiple=8),
     Setting("lr_a", float, 1e-4, "Learning rate A", "step size of the output factors A", symbol="α",
             min=0.0, max=1.0, step=1e-5),
     Setting("lr_b", float, 1e-4, "Learning rate B", "step size of the projected basis step", symbol="β",

@@ -2,24 +2,117 @@
 
 Every user error prints one line to stderr and exits with code 2; the bank file is only ever
 replaced atomically after a successful run, so Ctrl-C or any failure leaves it byte-identical.
+Flags are checked while parsing, and this module imports no torch at its top, so a bad flag is
+refused in a fraction of a second, before any model or bank is touched.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from ..settings import TRAINING_SETTINGS, train_settings
+from ..settings import SETTINGS_BY_NAME, TRAINING_SETTINGS, Setting, train_settings
 from ..errors import InputError, SeqLoRAError
-from ..sampling.regions import parse_region
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+MAX_GUIDANCE = 100.0  # classifier-free guidance beyond this only saturates the picture
+MAX_SAMPLING_STEPS = 1000  # DDIM's training schedule has 1000 timesteps
+MAX_RESOLUTION = 2048  # sampling beyond this needs tens of GB; SD-1.5 was trained at 512
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's one-line errors (exit 2) instead of usage + message."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {message.rstrip('.')}; see {self.prog} --help\n")
+
+
+def _flag_type(check):
+    """An argparse type from a checker that raises InputError: its sentence becomes the error."""
+    def convert(text: str):
+        try:
+            return check(text)
+        except InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = getattr(check, "__name__", "value")  # argparse names the type in messages
+    return convert
+
+
+def finite_float(lo: float, hi: float, label: str):
+    """A float flag in [lo, hi]: NaN and ±inf pass a plain ``float`` and every comparison."""
+    return _flag_type(Setting(label, float, None, label, "", min=lo, max=hi).coerce)
+
+
+def int_in(lo: int, hi: int, label: str, multiple: int | None = None):
+    """A whole-number flag in [lo, hi] (and a multiple of ``multiple``), checked at parse time."""
+    return _flag_type(Setting(label, int, None, label, "", min=lo, max=hi, multiple=multiple).coerce)
 
 
 def _ids(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float as None: json.dumps writes NaN / Infinity, which
+    is not JSON (a bank may hold a NaN loss or ε written before settings were checked)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def print_json(value) -> None:
+    """The --json output of every command: strict JSON that json.loads and other parsers read."""
+    print(json.dumps(_json_safe(value), allow_nan=False))
+
+
+def output_file(text: str, what: str) -> Path:
+    """An output path checked before any work: not empty, not a folder, in a place a file can be
+    created (the nearest existing folder takes a temporary file), so a long run cannot end in a
+    traceback from the final write."""
+    import tempfile
+
+    if not text.strip():
+        raise InputError(f"The {what} path is empty.")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise InputError(f"The {what} path {path} is a folder; give a file name.")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is not a folder")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise InputError(f"Cannot write the {what} {path}: no file can be created in {folder} "
+                         f"({exc.strerror or exc}).") from None
+    return path
+
+
+def image_file(text: str) -> Path:
+    """An output image path whose extension PIL can write (checked before the model loads)."""
+    from PIL import Image
+
+    path = output_file(text, "image")
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt not in Image.SAVE:
+        raise InputError(f"Cannot write an image as '{path.suffix or path.name}'; give a name ending in .png, .jpg or .webp.")
+    return path
+
+
+def input_file(text: str | None, what: str) -> None:
+    """A file or folder the run reads, checked before the model loads."""
+    if text is not None and not Path(text).expanduser().exists():
+        raise InputError(f"The {what} {text} does not exist.")
 
 
 def _load_host(args):
@@ -119,7 +212,7 @@ def cmd_bank_info(args) -> None:
 
     summary = load_bank(args.file).summary()
     if args.json:
-        print(json.dumps(summary))
+        print_json(summary)
         return
     print(f"base: {summary['base'].get('architecture')} (fingerprint {summary['base'].get('fingerprint')}), eps {summary['eps']:g}")
     if summary["lease_file_of"]:
@@ -160,7 +253,7 @@ def cmd_bank_interference(args) -> None:
     result = bank_interference(bank)
     note = honesty_line(bank)
     if args.json:
-        print(json.dumps({**result.to_json(), "worst_layers": worst_layers_json(result, args.worst), "note": note}))
+        print_json({**result.to_json(), "worst_layers": worst_layers_json(result, args.worst), "note": note})
         return
     if not bank.concepts:
         print("the bank holds no concepts")
@@ -218,14 +311,24 @@ def cmd_export(args) -> None:
     from ..bank.format import load_bank
     from ..bank.export import export_lora
 
+    output_file(args.out, "export")
     bank = load_bank(args.file)
     out, embeddings = export_lora(bank, _ids(args.concepts), args.out)
     print(f"wrote {out} and {len(embeddings)} embedding file(s) in {embeddings[0].parent}")
 
 
 def cmd_generate(args) -> None:
+    from ..bank.format import parse_selection_text
     from ..sampling.generate import generate
+    from ..sampling.regions import parse_region
 
+    parse_selection_text(args.concepts)  # strengths, regions, paths and files checked before the model loads
+    regions = [parse_region(r) for r in args.region or []]
+    out = image_file(args.out)
+    input_file(args.sketch, "sketch")
+    input_file(args.keypose, "keypose")
+    for adapter in args.adapter or []:
+        input_file(adapter, "adapter")
     if args.bank:
         host, bank = _host_bank(args, Path(args.bank))
         ids, strengths = bank.parse_selection(args.concepts)
@@ -235,12 +338,14 @@ def cmd_generate(args) -> None:
         host = _load_host(args)
         bank, ids, strengths = new_bank(host), [], {}
     resolution = args.resolution or default_resolution(host)
-    regions = [parse_region(r) for r in args.region or []]
     controls = load_controls(host, args, resolution)
     image = generate(host, bank, args.prompt, ids, strengths, args.negative, args.steps,
                      args.guidance, resolution, args.seed, regions, controls)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(out)
+    except OSError as exc:  # the place changed while sampling
+        raise InputError(f"Cannot write the image {out}: {exc.strerror or exc}.") from None
     print(f"wrote {args.out}")
 
 
@@ -279,7 +384,7 @@ def cmd_eval(args) -> None:
         loss = concept_loss(host, bank, token, load_images([folder], resolution), _ids(args.concepts))
         rows.append({"token": token, "loss": loss})
     if args.json:
-        print(json.dumps(rows))
+        print_json(rows)
     else:
         for r in rows:
             print(f"{r['token']:<24} {r['loss']:.6f}")
@@ -296,7 +401,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per training setting (seqlora_core.settings); None means "not given": the default."""
     for s in TRAINING_SETTINGS:
         symbol = f" [{s.symbol}]" if s.symbol else ""
-        parser.add_argument(s.flag, type=s.kind, choices=s.choices, default=None, metavar=None if s.choices else s.name.upper(),
+        parser.add_argument(s.flag, type=_flag_type(s.coerce), choices=s.choices, default=None, metavar=None if s.choices else s.name.upper(),
                             help=f"{s.help}{symbol} (default {s.default})")
 
 
@@ -307,7 +412,8 @@ def _host_args(sp: argparse.ArgumentParser, with_resolution: bool = True) -> Non
                     help="the model's precision (auto: fp16 on CUDA, fp32 on CPU); LoRA factors stay fp32")
     sp.add_argument("--allow-other-base", action="store_true", help="use a bank made for another base model")
     if with_resolution:  # train takes --resolution with the other training settings
-        sp.add_argument("--resolution", type=int, default=None, help="pixels (default 512; 64 on tiny)")
+        sp.add_argument("--resolution", type=int_in(64, MAX_RESOLUTION, "Resolution", multiple=8), default=None,
+                        help=f"pixels, a multiple of 8 from 64 to {MAX_RESOLUTION} (default 512; 64 on tiny)")
 
 
 def _add_train(sub) -> None:
@@ -387,9 +493,13 @@ def _add_generate(sub) -> None:
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative", default="")
     g.add_argument("--concepts", default="all", help="all, or ID[:STRENGTH],… e.g. chelsea:0.8,coffee")
-    g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int_in(1, MAX_SAMPLING_STEPS, "Sampling steps"), default=25,
+                   help=f"DDIM steps, 1 to {MAX_SAMPLING_STEPS}")
+    g.add_argument("--guidance", type=finite_float(0.0, MAX_GUIDANCE, "Guidance"), default=7.5,
+                   help=f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g}")
+    seed = SETTINGS_BY_NAME["seed"]  # one range for every seed
+    g.add_argument("--seed", type=int_in(int(seed.min), int(seed.max), "Seed"), default=0,
+                   help=f"0 to {int(seed.max)}")
     g.add_argument("--region", action="append", help='"x0,y0,x1,y1:prompt" in pixels, repeatable')
     g.add_argument("--sketch", default=None, help="sketch image (PNG)")
     g.add_argument("--keypose", default=None, help="keypose image (PNG) or OpenPose keypoints (JSON)")
@@ -418,7 +528,7 @@ def _add_demo(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m seqlora_core", description="SeqLoRA: continual multi-concept LoRA for SD-1.5.")
+    p = _Parser(prog="python -m seqlora_core", description="SeqLoRA: continual multi-concept LoRA for SD-1.5.")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_bank, _add_export, _add_generate, _add_eval, _add_demo):
         add(sub)
@@ -431,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except SeqLoRAError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # the last boundary for a file the checks above could not foresee
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot use{where}: {exc.strerror or str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; no file was changed", file=sys.stderr)

@@ -45,6 +45,7 @@ READABLE_VERSIONS = ("1", "2")
 ID_PATTERN = re.compile(r"^[a-z0-9_-]+$")
 ORTHOGONALITY_TOLERANCE = 1e-4
 DEFAULT_EPS = 1e-8
+MAX_STRENGTH = 10.0  # |strength| of a composed concept; beyond it a picture only saturates
 
 
 def token_to_id(token: str) -> str:
@@ -56,6 +57,20 @@ def token_to_id(token: str) -> str:
     if not ID_PATTERN.match(ident):
         raise InputError(f"Token '{token}' must look like <name> with name made of a-z, 0-9, _ or -.")
     return ident
+
+
+def _token_key(token: str) -> str:
+    """A token as prompts match it: CLIP lower-cases text, and '<x>' and 'x' name one concept."""
+    inner = token.strip()
+    return (inner[1:-1] if inner.startswith("<") and inner.endswith(">") else inner).lower()
+
+
+def check_strength(strength: float, what: str = "A strength") -> float:
+    """A composed concept's strength, finite and within ±MAX_STRENGTH (1e309, NaN or -1e30 gave
+    an all-black picture), the one check of every surface (CLI, nodes, tab, A1111's tags)."""
+    if not abs(strength) <= MAX_STRENGTH:  # also false for NaN
+        raise InputError(f"{what} must be a finite number from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g}.")
+    return strength
 
 
 def parse_selection_text(text: str | None) -> list[tuple[str, float | None]] | None:
@@ -80,6 +95,7 @@ def parse_selection_text(text: str | None) -> list[tuple[str, float | None]] | N
                 strength = float(value)
             except ValueError:
                 raise InputError(f"Strength in '{item}' is not a number; write id:0.8.") from None
+            check_strength(strength, f"Strength in '{item}'")
         chosen.append((ident, strength))
     return chosen
 
@@ -375,6 +391,11 @@ class Bank:
         ident = token_to_id(token)
         if any(c.id == ident for c in self.concepts):
             raise InputError(f"The bank already has a concept '{ident}'; choose another token.")
+        # a concept's token may differ from its id (a hand-made or older bank); two concepts with
+        # one token would share one embedding slot and a prompt would silently get only one of them
+        clash = next((c for c in self.concepts if _token_key(c.token) == _token_key(token)), None)
+        if clash is not None:
+            raise InputError(f"The bank's concept '{clash.id}' already uses the token {clash.token}; choose another token.")
         return ident
 
     def with_concept(self, concept: Concept, author: str | None = None) -> "Bank":

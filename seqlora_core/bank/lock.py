@@ -29,7 +29,7 @@ import secrets
 import time
 from pathlib import Path
 
-from ..errors import SeqLoRAError
+from ..errors import BankError, SeqLoRAError
 from .provenance import now_iso
 
 
@@ -94,8 +94,12 @@ class BankLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:  # a read-only or absent place: the bank could not be written there either
+            raise BankError(f"Cannot use {self.bank} as a bank: no lock file can be created beside it "
+                            f"({exc.strerror or exc}).") from None
         start = time.monotonic()
         while not _try_lock(fd):
             timed_out = self.timeout_s is not None and time.monotonic() - start > self.timeout_s

@@ -102,6 +102,9 @@ def toy_components(weights: Path = TOY_WEIGHTS) -> Components:
 
 def folder_components(path: Path) -> Components:
     """A diffusers-format SD-1.5 folder (unet/, vae/, text_encoder/, optional tokenizer/)."""
+    missing = [part for part in ("unet", "vae", "text_encoder") if not (path / part / "config.json").is_file()]
+    if missing:  # before diffusers, whose error for it is a multi-line traceback
+        raise InputError(f"{path} is not a diffusers SD-1.5 folder (no {missing[0]}/config.json).")
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -118,6 +121,25 @@ def folder_components(path: Path) -> Components:
     return Components(unet, vae, text_encoder, tokenizer, scheduler, "sd15" if width == 768 else "sd15-tiny")
 
 
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.")  # the text encoder: checked when loaded
+
+
+def check_checkpoint(path: Path) -> None:
+    """Refuse, from the header alone, a file that is no original-format SD-1.5 checkpoint (a LoRA,
+    an embedding, a diffusers part, not safetensors at all), before diffusers tries to convert it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for a corrupt header
+        raise InputError(f"{path.name} is not a readable .safetensors file ({str(exc).splitlines()[0]}).") from None
+    absent = [p for p in CHECKPOINT_PREFIXES if not any(k.startswith(p) for k in keys)]
+    if absent:
+        raise InputError(f"{path.name} is not an SD-1.5 checkpoint (no {absent[0]}* weights; a LoRA or an "
+                         "embedding is not a base model).")
+
+
 def single_file_components(path: Path) -> Components:
     """One original-format checkpoint (model.diffusion_model.*, first_stage_model.*,
     cond_stage_model.transformer.*), converted with diffusers' single-file loaders."""
@@ -127,6 +149,7 @@ def single_file_components(path: Path) -> Components:
 
     from .tokenizer_data import load_clip_tokenizer
 
+    check_checkpoint(path)
     cfg = str(CONFIGS / "sd15")
     unet = UNet2DConditionModel.from_single_file(str(path), config=cfg, subfolder="unet", local_files_only=True)
     vae = AutoencoderKL.from_single_file(str(path), config=cfg, subfolder="vae", local_files_only=True)
@@ -153,6 +176,8 @@ def load_components(base: str) -> Components:
         return random_components(base)
     if base == "toy":
         return toy_components()
+    if not base.strip():  # Path('') is the current folder
+        raise InputError("Base is empty; give tiny, toy, sd15-random, a diffusers folder or a .safetensors checkpoint.")
     path = Path(os.path.expanduser(base))
     if path.is_dir():
         return folder_components(path)

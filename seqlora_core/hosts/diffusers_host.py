@@ -15,9 +15,25 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``, checked before the model
+    loads: torch's own errors for a bad or absent device come deep inside loading."""
+    from ..errors import InputError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"Device must be auto, cpu, cuda or cuda:N, not '{name}'.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"Device '{name}' asked for, but this torch sees no CUDA GPU; use --device cpu or auto.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"Device '{name}' asked for, but there are only {torch.cuda.device_count()} CUDA GPU(s).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"Device '{name}' asked for, but MPS is not available here; use --device cpu or auto.")
+    return device
 
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:

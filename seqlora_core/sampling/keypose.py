@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
+
 # OpenPose BODY-18 limbs (1-based joint indices) and colours, as in the ControlNet annotator
 LIMBS = [(2, 3), (2, 6), (3, 4), (4, 5), (6, 7), (7, 8), (2, 9), (9, 10), (10, 11), (2, 12), (12, 13),
          (13, 14), (2, 1), (1, 15), (15, 17), (1, 16), (16, 18)]
@@ -57,15 +59,24 @@ def draw_keypose(data: dict, width: int | None = None, height: int | None = None
 
 def load_image_rgb(path: str | Path, width: int, height: int) -> np.ndarray:
     """(H, W, 3) uint8 of an image file, resized."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB").resize((width, height), Image.BICUBIC))
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB").resize((width, height), Image.BICUBIC))
+    except (OSError, UnidentifiedImageError) as exc:  # missing, unreadable or not an image
+        raise InputError(f"Cannot read the image {path}: {getattr(exc, 'strerror', None) or exc}.") from None
 
 
 def load_keypose(path: str | Path, width: int, height: int) -> np.ndarray:
     """A keypose image from a .json of keypoints (drawn) or from an image file (resized)."""
     path = Path(path)
     if path.suffix.lower() == ".json":
-        return draw_keypose(json.loads(path.read_text()), width, height)
+        try:
+            return draw_keypose(json.loads(path.read_text()), width, height)
+        except OSError as exc:
+            raise InputError(f"Cannot read the keypose {path}: {exc.strerror or exc}.") from None
+        except (ValueError, TypeError, AttributeError, IndexError) as exc:  # bad JSON or another shape
+            raise InputError(f"{path.name} is not OpenPose keypoints JSON (people[].pose_keypoints_2d): "
+                             f"{str(exc).splitlines()[0]}.") from None
     return load_image_rgb(path, width, height)
