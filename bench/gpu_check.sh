@@ -37,7 +37,10 @@ if ! "$PY" -c "import diffusers" 2>/dev/null; then
 fi
 rm -rf "$OUT"; mkdir -p "$OUT"
 start=$(date +%s)
-step() { echo "== $* ($(( $(date +%s) - start )) s)"; "$PY" "$@"; }
+# after every step the JSON so far is written, so a run cut short by the device's time limit
+# still brings back what it measured
+report() { report "$@"; }
+step() { echo "== $* ($(( $(date +%s) - start )) s)"; "$PY" "$@"; report --quiet || true; }
 
 for dtype in fp16 bf16; do
   for memory in default low+checkpoint; do
@@ -47,7 +50,8 @@ for dtype in fp16 bf16; do
 done
 step bench/step_cost.py --base "$BASE" --device "$DEVICE" --resolution "$RES" --steps "$STEP_COST_STEPS" \
   --methods seqlora,alternating --workdir "$OUT/work" --out "$OUT/step_cost"
-step bench/kept_graph.py --base "$BASE" --device "$DEVICE" --resolution "$RES" --out "$OUT/kept_graph"
+step bench/kept_graph.py --base "$BASE" --device "$DEVICE" --resolution "$RES" --modes default,checkpoint+slice \
+  --out "$OUT/kept_graph"
 step bench/compile_check.py --base "$BASE" --device "$DEVICE" --resolution "$RES" --backend "$BACKEND" \
   --passes "$PASSES" --out "$OUT/compile_check"
-"$PY" bench/gpu_check_report.py "$OUT" "$FINAL" --seconds $(( $(date +%s) - start ))
+report

@@ -31,7 +31,7 @@ def report(out: Path, seconds: float | None = None) -> dict:
     kept_rows = load_all(out / "kept_graph")
     compile_rows = load_all(out / "compile_check")
     if not concept_rows:
-        raise SystemExit(f"no concept_time results under {out}: did the run fail before them?")
+        raise SystemExit(f"no concept_time results under {out} yet")
     concepts = [{"dtype": r["dtype"], "memory": r["memory"], "resolution": r["resolution"], "steps_measured": r["steps"],
                  "seconds_per_step": r["seconds_per_step"], "seconds_per_concept": r["seconds_per_step"] * DEFAULT_STEPS,
                  "peak_gb": (r["peak_extra_mb"] + r["model_mb"]) / 1024, "peak_extra_gb": r["peak_extra_mb"] / 1024,
@@ -60,10 +60,13 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("final", type=Path)
     p.add_argument("--seconds", type=float, default=None)
+    p.add_argument("--quiet", action="store_true", help="write the JSON, print nothing (after each step)")
     args = p.parse_args()
     result = report(args.out, args.seconds)
     args.final.parent.mkdir(parents=True, exist_ok=True)
     args.final.write_text(json.dumps(result, indent=2) + "\n")
+    if args.quiet:
+        return
     print(f"{result['device_name']} ({result['device']}), {result['base']}, {result['wall_seconds']} s in all")
     for c in result["concept_time"]:
         print(f"  concept {c['dtype']:<9} {c['memory']:<15} {c['seconds_per_concept']:8.1f} s per {DEFAULT_STEPS}-minibatch "
