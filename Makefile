@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.seqlora-installed
 
-.PHONY: setup demo test bench ui clean toy-base
+.PHONY: setup demo test bench ui clean toy-base gpu-wheels
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ ui: setup
 # Rebuild the shipped toy base (seqlora_core/hosts/weights/toy.*) from its seed: about 62 min on 2 cores
 toy-base: setup
 	$(PY) -m seqlora_core.toy.pretrain
+
+# Wheels a lent GPU machine lacks (no network there; it has torch, transformers, safetensors,
+# scikit-image): carried with the device call as .cache/gpu-wheels; bench/gpu_check.sh installs them
+gpu-wheels: setup
+	$(PY) -m pip download -q --no-deps -d .cache/gpu-wheels "diffusers==$$($(PY) -c 'import diffusers; print(diffusers.__version__)')" importlib_metadata
 
 bench: setup
 	$(PY) bench/step_cost.py

@@ -10,6 +10,12 @@ The frozen weights are never copied or modified: each hooked layer's output gets
   layer (composition is a plain sum: Σ s_i A_i B_iᵀ = [s_1A_1 …] [B_1 …]ᵀ).
 
 ``remove()`` restores the model exactly.
+
+The factors follow the *input*, not the layer's weight: under ComfyUI ``--lowvram`` / partial
+loads and A1111 ``--medvram`` / ``--lowvram`` a layer's weight stays on the CPU and is cast to
+the input's device inside its forward, so ``module.weight.device`` says nothing about where the
+residual is computed. Composed factors are copied once per input device and kept (a few MB of
+rank-Σr factors); trainable ones are moved differentiably when, rarely, they are elsewhere.
 """
 from __future__ import annotations
 
@@ -46,17 +52,21 @@ class LoRAHooks:
     def __init__(self, layers: Mapping[str, nn.Linear]):
         self.layers = dict(layers)
         self.trainable: dict[str, Factors] = {}
-        self.composed: dict[str, Factors] = {}
+        self.composed: dict[str, Factors] = {}  # as given (usually on the CPU)
+        self._composed_on: dict[tuple[str, torch.device], Factors] = {}  # copies per input device
         self._handles = [module.register_forward_hook(self._make_hook(name))
                          for name, module in self.layers.items()]
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
             x = inputs[0]
-            for table in (self.composed, self.trainable):
-                pair = table.get(name)
-                if pair is not None:
-                    output = output + lora_delta(x, *pair)
+            composed = self._composed_for(name, x.device)
+            if composed is not None:
+                output = output + lora_delta(x, *composed)
+            trainable = self.trainable.get(name)
+            if trainable is not None:
+                a, b = (t if t.device == x.device else t.to(x.device) for t in trainable)
+                output = output + lora_delta(x, a, b)
             return output
         return hook
 
@@ -65,10 +75,20 @@ class LoRAHooks:
         self.trainable = {name: (a[name], b[name]) for name in a}
 
     def set_composed(self, per_layer: Mapping[str, Factors]) -> None:
-        """Frozen concepts' residuals, already stacked per layer (see :func:`compose_factors`)."""
-        device_of = {name: module.weight.device for name, module in self.layers.items()}
-        self.composed = {name: (a.to(device_of[name]), b.to(device_of[name]))
-                         for name, (a, b) in per_layer.items() if name in self.layers}
+        """Frozen concepts' residuals, already stacked per layer (see :func:`compose_factors`);
+        each is copied to an input's device the first time an input arrives there."""
+        self.composed = {name: pair for name, pair in per_layer.items() if name in self.layers}
+        self._composed_on = {}
+
+    def _composed_for(self, name: str, device: torch.device) -> Factors | None:
+        """The layer's composed factors on ``device`` (copied there once, then reused)."""
+        pair = self.composed.get(name)
+        if pair is None or pair[0].device == device:
+            return pair
+        key = (name, device)
+        if key not in self._composed_on:
+            self._composed_on[key] = (pair[0].to(device), pair[1].to(device))
+        return self._composed_on[key]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -76,6 +96,7 @@ class LoRAHooks:
         self._handles = []
         self.trainable = {}
         self.composed = {}
+        self._composed_on = {}
 
     def __enter__(self) -> "LoRAHooks":
         return self
