@@ -25,6 +25,13 @@ MEMORY_MODES = ("default", "low", "checkpoint", "slice", "low+checkpoint", "low+
                 "low+checkpoint+slice")
 
 
+def _number(x: float | None) -> str:
+    """A bound or value as a user reads it: whole numbers whole (a seed's 4294967295, not 4.29497e+09)."""
+    if x is None:
+        return "none"
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
 @dataclass(frozen=True)
 class Setting:
     """One training knob as every surface shows it."""
@@ -66,9 +73,9 @@ class Setting:
         if isinstance(out, float) and not math.isfinite(out):  # NaN passes every comparison below
             raise InputError(f"{self.label} must be a finite number, not {out}.")
         if (self.min is not None and out < self.min) or (self.max is not None and out > self.max):
-            raise InputError(f"{self.label} must be between {self.min:g} and {self.max:g}, not {out:g}.")
+            raise InputError(f"{self.label} must be between {_number(self.min)} and {_number(self.max)}, not {_number(out)}.")
         if self.multiple and out % self.multiple:
-            raise InputError(f"{self.label} must be a multiple of {self.multiple}, not {out:g}.")
+            raise InputError(f"{self.label} must be a multiple of {self.multiple}, not {_number(out)}.")
         return out
 
 
