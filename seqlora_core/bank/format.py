@@ -447,8 +447,32 @@ class Bank:
                 "history": json.dumps(self.history)}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically: a reader sees the old file or the new one, never a mix."""
-        save_safetensors_atomic(self.tensors(), path, self.metadata())
+        """Write atomically: a reader sees the old file or the new one, never a mix. What is about
+        to be written is first read back with the bank reader; a bank the reader would refuse is
+        never renamed into place (the old file stays, one BankError says why)."""
+        path = Path(path)
+        save_safetensors_atomic(self.tensors(), path, self.metadata(),
+                                check=lambda tmp: check_readable(tmp, path.name), what="the bank on disk")
+
+
+def check_readable(tmp: Path, name: str) -> None:
+    """Raise BankError when the reader refuses the written file ``tmp`` (to be saved as ``name``).
+
+    Why read the written file rather than validate the Bank in memory: the file is what every
+    later run reads; a value that changes on the way (a float32 cast that overflows, a tensor
+    left out) shows only there."""
+    from safetensors import safe_open
+
+    from .reader import bank_from_parts
+
+    try:
+        with safe_open(str(tmp), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        bank_from_parts(meta, tensors, name)
+    except BankError as exc:
+        raise BankError(f"{name} was not written, because the bank reader would refuse the result "
+                        f"({str(exc).rstrip('.')}); the bank on disk was left as it was.") from None
 
 
 _CACHE: "OrderedDict[tuple, Bank]" = OrderedDict()
