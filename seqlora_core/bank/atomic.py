@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,6 +68,59 @@ def temp_prefix(path: Path) -> str:
     because its temp name is longer; ``stale_temps`` finds them by the same prefix."""
     name = path.name.encode()[:_TEMP_NAME_KEEP].decode(errors="ignore")
     return f".{name}."
+
+
+def stale_temps(path: Path, older_than_s: float = 60.0) -> list[Path]:
+    """Temp files of ``path`` (exactly ``temp_prefix`` + mkstemp's 8 random characters + ``.tmp``,
+    so no other file's temp matches) last modified more than ``older_than_s`` ago: what a writer
+    killed mid-save (``kill -9``, a power cut) left behind. Only a caller holding the bank's lock
+    may remove them (every SeqLoRA writer of a bank saves under it); the age spares a writer that
+    does not lock and is writing right now (its temp file's mtime moves while it writes)."""
+    pattern = re.compile(re.escape(temp_prefix(path)) + r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+    now = time.time()
+    found = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False) \
+                    and now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
+                found.append(Path(entry.path))
+        except OSError:
+            continue
+    return found
+
+
+def remove_stale_temps(path: Path, older_than_s: float = 60.0) -> list[Path]:
+    """Remove ``stale_temps(path)``; returns those removed (a failure to remove one is ignored:
+    it is litter, not data)."""
+    removed = []
+    for tmp in stale_temps(path, older_than_s):
+        try:
+            os.unlink(tmp)
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name (bytes) ``folder``'s file system allows; 255 where it cannot be asked."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def check_name(path: Path) -> None:
+    """ENAMETOOLONG before anything is written: a temp name is cut short (``temp_prefix``), so
+    only the final rename would fail, after the other files of a group were renamed."""
+    if len(path.name.encode()) > name_max(path.parent):
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path.name)
 
 
 def why(exc: OSError) -> str:
@@ -130,6 +184,9 @@ def save_many_atomic(files: list[tuple[dict[str, Tensor], str | os.PathLike, dic
     temps: list[tuple[Path, Path]] = []
     path = Path(files[0][1]) if files else Path(".")
     try:
+        for _, target, _ in files:
+            path = Path(target)
+            check_name(path)
         for tensors, target, metadata in files:
             path = Path(target)
             temps.append((_write_temp(tensors, path, metadata, None), path))
@@ -152,6 +209,7 @@ def save_safetensors_atomic(tensors: dict[str, Tensor], path: str | os.PathLike,
     then rename over ``path``. ``what`` names the file in the error (default: "the file on disk")."""
     path = Path(path)
     try:
+        check_name(path)
         tmp = _write_temp(tensors, path, metadata, check)
         try:
             os.replace(tmp, path)
