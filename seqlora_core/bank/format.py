@@ -493,7 +493,7 @@ def load_bank(path: str | os.PathLike) -> Bank:
     are shared and never modified in place)."""
     from safetensors import safe_open
 
-    from .reader import bank_from_parts
+    from .reader import bank_from_parts, check_header
 
     path = Path(path)
     if not path.is_file():
@@ -505,7 +505,10 @@ def load_bank(path: str | os.PathLike) -> Bank:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            check_header(meta, path.name)  # header only: a multi-GB checkpoint fails before any tensor
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except BankError:
+        raise
     except Exception:  # safetensors raises several types for damaged files
         raise BankError(f"{path.name} is not a readable safetensors file.") from None
     bank = bank_from_parts(meta, tensors, path.name)

@@ -181,13 +181,22 @@ def _leases(entries, blocks: dict, shapes: dict, name: str) -> list[Lease]:
     return leases
 
 
-def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank") -> Bank:
+def check_header(meta: dict, name: str = "bank") -> None:
+    """The header's ``format`` and ``format_version``: checked from the metadata alone (safetensors
+    reads only the header for it), so a file that is no bank — a multi-GB checkpoint in the bank
+    folder — is refused before a single tensor is read."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise BankError(f"{name} is not a SeqLoRA bank (format is {_show(meta.get('format'), 40)!r}).")
+        shown = meta.get("format") if isinstance(meta, dict) else None
+        raise BankError(f"{name} is not a SeqLoRA bank (format is {_show(shown, 40)!r}).")
     version = meta.get("format_version")
     if version not in READABLE_VERSIONS:
         raise BankError(f"{name} has bank format version {_show(version, 20)!r}; this SeqLoRA reads "
                         f"versions {', '.join(READABLE_VERSIONS)}.")
+
+
+def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank") -> Bank:
+    check_header(meta, name)
+    version = meta.get("format_version")
     entries = _json(meta, "concepts", name)
     base = _json(meta, "base", name)
     try:
