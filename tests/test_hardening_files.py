@@ -170,3 +170,19 @@ def test_the_content_hash_cache_is_bounded(tmp_path):
     first = next(iter(on_disk._HASHES))
     assert first[0] == str(files[10].resolve())  # least recently used went first
     assert on_disk.file_identity(files[-1])[2] == on_disk.file_identity(files[-1])[2]
+
+
+def test_the_command_line_prints_one_line_for_a_full_disk_or_a_long_name(tmp_path, monkeypatch, capsys):
+    from seqlora_core.app.cli import main
+
+    path = tmp_path / "bank.safetensors"
+    small_bank(("cat", "c" * 300)).save(path)
+    before = path.read_bytes()
+    assert main(["export", str(path), "--out", str(tmp_path / "out" / "lora.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "too long" in err and not (tmp_path / "out" / "lora.safetensors").exists()
+    _fail_after(monkeypatch, 0, ENOSPC_FORMS[1])
+    assert main(["bank", "remove", str(path), "--concept", "cat"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no space left" in err and "left as it was" in err
+    assert path.read_bytes() == before and temps(tmp_path) == []
