@@ -461,15 +461,15 @@ def check_readable(tmp: Path, name: str) -> None:
     Why read the written file rather than validate the Bank in memory: the file is what every
     later run reads; a value that changes on the way (a float32 cast that overflows, a tensor
     left out) shows only there."""
-    from safetensors import safe_open
-
     from .reader import bank_from_parts
+    from .tensor_file import read_tensor_file
 
     try:
-        with safe_open(str(tmp), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        bank_from_parts(meta, tensors, name)
+        try:
+            meta, tensors, nonfinite = read_tensor_file(tmp)
+        except (OSError, ValueError):
+            raise BankError("it is not a readable safetensors file") from None
+        bank_from_parts(meta, tensors, name, nonfinite)
     except BankError as exc:
         raise BankError(f"{name} was not written, because the bank reader would refuse the result "
                         f"({str(exc).rstrip('.')}); the bank on disk was left as it was.") from None
@@ -488,12 +488,15 @@ def _file_identity(path: Path) -> tuple:
 def load_bank(path: str | os.PathLike) -> Bank:
     """Read and validate a bank file (``bank.reader``); every defect becomes one BankError sentence.
 
+    The file is read in one pass (``bank.tensor_file``: one read into one buffer, tensors as views
+    of it, finiteness of each run of tensors in one sum) and closed before this returns, so a later
+    save can rename over it on every platform.
+
     Validated banks are cached by file identity (path, inode, size, mtime), so a host that loads
     the same bank for every generation pays once; callers get their own Bank object (the tensors
     are shared and never modified in place)."""
-    from safetensors import safe_open
-
     from .reader import bank_from_parts, check_header
+    from .tensor_file import read_tensor_file
 
     path = Path(path)
     if not path.is_file():
@@ -503,15 +506,14 @@ def load_bank(path: str | os.PathLike) -> Bank:
         _CACHE.move_to_end(key)
         return _CACHE[key].copy()
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            check_header(meta, path.name)  # header only: a multi-GB checkpoint fails before any tensor
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        # one pass (tensor_file): the header first (a multi-GB checkpoint fails before any tensor
+        # is read), then every tensor and which hold non-finite values
+        meta, tensors, nonfinite = read_tensor_file(path, lambda meta: check_header(meta, path.name))
     except BankError:
         raise
-    except Exception:  # safetensors raises several types for damaged files
+    except Exception:  # OSError, ValueError (a damaged header or data region), MemoryError, ...
         raise BankError(f"{path.name} is not a readable safetensors file.") from None
-    bank = bank_from_parts(meta, tensors, path.name)
+    bank = bank_from_parts(meta, tensors, path.name, nonfinite)
     _CACHE[key] = bank
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)

@@ -66,14 +66,29 @@ def _split_keys(tensors: dict[str, Tensor], name: str) -> tuple[dict, dict]:
     return concepts, leases
 
 
-def _check_matrix(t: Tensor, what: str, name: str) -> None:
+class _Finiteness:
+    """Which tensors hold NaN or ±inf: the keys ``tensor_file.read_tensor_file`` found in its one
+    pass over the file (so no tensor is summed again here), or, for tensors handed in without
+    that (``nonfinite=None``), a check of each tensor's values."""
+
+    def __init__(self, nonfinite: set[str] | None):
+        self.nonfinite = nonfinite
+
+    def __call__(self, key: str, t: Tensor) -> bool:
+        if self.nonfinite is not None:
+            return key not in self.nonfinite
+        return bool(torch.isfinite(t).all())
+
+
+def _check_matrix(t: Tensor, key: str, finite: _Finiteness, name: str, what) -> None:
+    """``what()`` names the tensor in a message; called only on a refusal (30,000 tensors in a big bank)."""
     if t.dtype not in FLOAT_DTYPES:
-        raise BankError(f"{name}: {what} has dtype {t.dtype}, not a floating-point type.")
-    if not bool(torch.isfinite(t.sum(dtype=torch.float64))):  # NaN or ±inf iff some value is
-        raise BankError(f"{name}: {what} holds non-finite values.")
+        raise BankError(f"{name}: {what()} has dtype {t.dtype}, not a floating-point type.")
+    if not finite(key, t):
+        raise BankError(f"{name}: {what()} holds non-finite values.")
 
 
-def _concept(entry, all_parts: dict, shapes: dict, name: str, version: str) -> Concept:
+def _concept(entry, all_parts: dict, shapes: dict, name: str, version: str, finite: _Finiteness) -> Concept:
     if not isinstance(entry, dict):
         raise BankError(f"{name} has a concept entry that is not an object.")
     ident, rank, method = entry.get("id"), entry.get("rank"), entry.get("method")
@@ -103,16 +118,17 @@ def _concept(entry, all_parts: dict, shapes: dict, name: str, version: str) -> C
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != rank or b.shape[1] != rank:
             raise BankError(f"{name}: concept '{ident}' layer {_show(layer)} has factors of shape "
                             f"{tuple(a.shape)} and {tuple(b.shape)}, not rank {rank}.")
-        _check_matrix(a, f"concept '{ident}' layer {_show(layer)}", name)
-        _check_matrix(b, f"concept '{ident}' layer {_show(layer)}", name)
+        what = lambda: f"concept '{ident}' layer {_show(layer)}"  # noqa: E731
+        _check_matrix(a, f"concept.{ident}.A.{layer}", finite, name, what)
+        _check_matrix(b, f"concept.{ident}.B.{layer}", finite, name, what)
         expected = shapes.setdefault(layer, (a.shape[0], b.shape[0]))
         if expected != (a.shape[0], b.shape[0]):
             raise BankError(f"{name}: layer {_show(layer)} has width {expected} for one concept and "
                             f"{(a.shape[0], b.shape[0])} for '{ident}'.")
     emb = parts["embedding"]
-    if emb.dim() != 2 or emb.shape[0] < 1 or emb.dtype not in FLOAT_DTYPES or not bool(torch.isfinite(emb).all()):
+    if emb.dim() != 2 or emb.shape[0] < 1 or emb.dtype not in FLOAT_DTYPES or not finite(f"concept.{ident}.embedding", emb):
         raise BankError(f"{name}: concept '{ident}' has a malformed token embedding.")
-    stats = _stats(ident, parts, B, name)
+    stats = _stats(ident, parts, B, name, finite)
     concept = Concept(
         id=ident, token=entry.get("token") or f"<{ident}>", init_word=entry.get("init_word") or "",
         rank=rank, method=method, A={k: v.float() for k, v in A.items()}, B={k: v.float() for k, v in B.items()},
@@ -125,7 +141,7 @@ def _concept(entry, all_parts: dict, shapes: dict, name: str, version: str) -> C
     return concept
 
 
-def _stats(ident: str, parts: dict, B: dict, name: str):
+def _stats(ident: str, parts: dict, B: dict, name: str, finite: _Finiteness):
     values, vectors = parts["stats.values"], parts["stats.vectors"]
     if not values and not vectors:
         return None
@@ -137,15 +153,16 @@ def _stats(ident: str, parts: dict, B: dict, name: str):
         if v.dim() != 1 or u.dim() != 2 or u.shape != (B[layer].shape[0], v.shape[0]) or v.shape[0] < 1:
             raise BankError(f"{name}: concept '{ident}' layer {_show(layer)} has activation statistics of "
                             f"shape {tuple(v.shape)} and {tuple(u.shape)}.")
-        _check_matrix(v, f"concept '{ident}' statistics", name)
-        _check_matrix(u, f"concept '{ident}' statistics", name)
+        what = lambda: f"concept '{ident}' statistics"  # noqa: E731
+        _check_matrix(v, f"concept.{ident}.stats.values.{layer}", finite, name, what)
+        _check_matrix(u, f"concept.{ident}.stats.vectors.{layer}", finite, name, what)
         if bool((v < 0).any()):
             raise BankError(f"{name}: concept '{ident}' has negative second-moment eigenvalues.")
         out[layer] = (v.float(), u.float())
     return out
 
 
-def _leases(entries, blocks: dict, shapes: dict, name: str) -> list[Lease]:
+def _leases(entries, blocks: dict, shapes: dict, name: str, finite: _Finiteness) -> list[Lease]:
     if not isinstance(entries, list):
         raise BankError(f"{name} has malformed 'leases' metadata.")
     leases, seen, lease_widths = [], set(), {}
@@ -169,7 +186,7 @@ def _leases(entries, blocks: dict, shapes: dict, name: str) -> list[Lease]:
             m = shapes[layer][1] if layer in shapes else lease_widths.setdefault(layer, u.shape[0] if u.dim() else -1)
             if u.dim() != 2 or u.shape[1] != n * r or u.shape[0] != m or u.shape[1] > u.shape[0]:
                 raise BankError(f"{name}: lease '{ident}' layer {_show(layer)} has a block of shape {tuple(u.shape)}.")
-            _check_matrix(u, f"lease '{ident}' layer {_show(layer)}", name)
+            _check_matrix(u, f"lease.{ident}.U.{layer}", finite, name, lambda: f"lease '{ident}' layer {_show(layer)}")
             u64 = u.to(torch.float64)
             if float((u64.T @ u64 - torch.eye(u.shape[1], dtype=torch.float64)).abs().max()) > ORTHOGONALITY_TOLERANCE:
                 raise BankError(f"{name}: lease '{ident}' layer {_show(layer)} has a block without orthonormal columns.")
@@ -194,7 +211,12 @@ def check_header(meta: dict, name: str = "bank") -> None:
                         f"versions {', '.join(READABLE_VERSIONS)}.")
 
 
-def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank") -> Bank:
+def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
+                    nonfinite: set[str] | None = None) -> Bank:
+    """A validated Bank from a file's metadata and tensors. ``nonfinite``: the keys of tensors
+    holding NaN or ±inf when the caller already knows them (``tensor_file.read_tensor_file``);
+    None checks every tensor here."""
+    finite = _Finiteness(nonfinite)
     check_header(meta, name)
     version = meta.get("format_version")
     entries = _json(meta, "concepts", name)
@@ -212,7 +234,7 @@ def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank") 
         raise BankError(f"{name} is a version 1 bank but holds lease blocks.")
     concepts, shapes, seen = [], {}, set()
     for entry in entries:
-        concept = _concept(entry, parts, shapes, name, version)
+        concept = _concept(entry, parts, shapes, name, version, finite)
         if concept.id in seen:
             raise BankError(f"{name} lists concept '{concept.id}' twice.")
         seen.add(concept.id)
@@ -225,7 +247,7 @@ def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank") 
     widths = {c.embedding.shape[1] for c in concepts}
     if len(widths) > 1:
         raise BankError(f"{name} mixes token embeddings of widths {sorted(widths)}.")
-    leases = _leases(_json(meta, "leases", name, default=[]), blocks, shapes, name)
+    leases = _leases(_json(meta, "leases", name, default=[]), blocks, shapes, name, finite)
     history = _json(meta, "history", name, default=[])
     if not valid_history(history):
         raise BankError(f"{name} has malformed 'history' metadata.")

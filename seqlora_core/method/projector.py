@@ -112,16 +112,18 @@ def probably_orthogonal(bases: list[Tensor], tolerance: float, probes: int = 16,
     passes only if ‖O z‖ falls 10× short of its mean for all 16 probes at once (probability below
     1e-12). False means "not shown": callers then compute :func:`block_overlaps` exactly.
     """
-    stacked = torch.cat([b.detach().to("cpu", torch.float32) for b in bases], dim=1)  # (m, R)
     widths = [b.shape[1] for b in bases]
-    z = torch.randn(stacked.shape[1], probes, generator=generator)  # (R, p)
-    full = stacked.T @ (stacked @ z)  # SᵀS z, (R, p)
-    if len(set(widths)) == 1:  # the diagonal blocks B_iᵀB_i z_i, batched over concepts
-        per = stacked.view(stacked.shape[0], len(bases), widths[0])  # (m, k, r)
-        inner = torch.einsum("mkr,krp->mkp", per, z.view(len(bases), widths[0], -1))
-        diag = torch.einsum("mkr,mkp->krp", per, inner).reshape(stacked.shape[1], -1)
-        norm_sq = per.pow(2).sum((0, 2))  # ‖B_i‖_F², (k,)
+    z = torch.randn(sum(widths), probes, generator=generator)  # (R, p)
+    if len(set(widths)) == 1:  # the diagonal blocks B_iᵀB_i z_i from the k small r × r Gram blocks
+        rows = torch.cat([b.detach().to("cpu", torch.float32).T for b in bases], dim=0)  # Sᵀ, (R, m)
+        full = rows @ (rows.T @ z)  # SᵀS z, (R, p)
+        per = rows.view(len(bases), widths[0], -1)  # (k, r, m)
+        blocks = torch.bmm(per, per.transpose(1, 2))  # B_iᵀB_i, (k, r, r)
+        diag = torch.bmm(blocks, z.view(len(bases), widths[0], -1)).reshape(rows.shape[0], -1)
+        norm_sq = blocks.diagonal(dim1=1, dim2=2).sum(1)  # ‖B_i‖_F², (k,)
     else:
+        stacked = torch.cat([b.detach().to("cpu", torch.float32) for b in bases], dim=1)  # (m, R)
+        full = stacked.T @ (stacked @ z)  # SᵀS z, (R, p)
         bounds = torch.tensor([0] + widths).cumsum(0).tolist()
         diag = torch.cat([stacked[:, i:j].T @ (stacked[:, i:j] @ z[i:j]) for i, j in zip(bounds, bounds[1:])])
         norm_sq = torch.stack([stacked[:, i:j].pow(2).sum() for i, j in zip(bounds, bounds[1:])])
