@@ -4,7 +4,7 @@ Why not ``safetensors.safe_open(...).get_tensor`` per key (what bank loading did
 item 7): a 192-concept bank holds 30,720 tensors, and the per-tensor calls, copies and checks made
 its first load take 1.2 s idle and 7.9 s on a busy machine. Here the file is read once, front to
 back: the 8-byte header length, the JSON header, then the whole data region with one ``readinto``
-into one buffer of our own. Every tensor is a view of that buffer (no copy per tensor), and the
+into one buffer of our own (:func:`_buffer`: on Linux its pages are provided in one call). Every tensor is a view of that buffer (no copy per tensor), and the
 finiteness check runs over each run of same-dtype tensors in one vectorised float64 sum; only a
 run whose sum is not finite is looked at tensor by tensor, to name the culprits. The content hash
 (``provenance.content_hash``) then reads the same memory, without copying it.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 
 import numpy as np
@@ -95,6 +96,22 @@ def _sum_finite(span) -> bool:
     return math.isfinite(float(span.sum(dtype=torch.float64)))
 
 
+def _buffer(n: int) -> np.ndarray:
+    """``n`` bytes of fresh memory to read the data region into. On Linux an anonymous mapping with
+    MAP_POPULATE: the kernel provides all its pages in one call, where first touching a plain
+    ``np.empty`` page by page cost 96,000 page faults for a 375 MiB bank (6 – 8 s against 1.1 –
+    1.7 s on a busy 2-core machine, the whole difference in this module's time). It is memory of
+    our own, not a map of the file, so nothing of the file stays open or mapped."""
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if n >= 1 << 20 and populate and os.name == "posix":
+        try:
+            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0) | populate
+            return np.frombuffer(mmap.mmap(-1, n, flags=flags), dtype=np.uint8)
+        except (OSError, ValueError, OverflowError):
+            pass
+    return np.empty(n, dtype=np.uint8)
+
+
 def read_tensor_file(path: str | os.PathLike, check_meta=None) -> tuple[dict, dict[str, Tensor], set[str]]:
     """(metadata, {key: tensor}, keys of the floating-point tensors holding NaN or ±inf) of a
     safetensors file, read in one pass (module docstring). ``check_meta(metadata)`` runs after the
@@ -106,7 +123,7 @@ def read_tensor_file(path: str | os.PathLike, check_meta=None) -> tuple[dict, di
         meta, entries, data_len = read_header(f, size)
         if check_meta is not None:
             check_meta(meta)
-        data = np.empty(data_len, dtype=np.uint8)
+        data = _buffer(data_len)
         got = f.readinto(memoryview(data)) if data_len else 0
         while got < data_len:  # readinto may return short reads on some platforms
             more = f.readinto(memoryview(data)[got:])
