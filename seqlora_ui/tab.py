@@ -342,7 +342,7 @@ class TabActions:
         import re
         import time
 
-        from seqlora_core.bank.lease import lease_to_file
+        from seqlora_core.bank.lease_file import lease_to_file
 
         try:
             slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name or "lease").strip("-")[:40] or "lease"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,17 +33,15 @@ from torch import Tensor
 from .atomic import save_safetensors_atomic
 from ..settings import CONSTRAINED_METHODS
 from ..errors import BankError, CapacityError, InputError
-from ..method.lora import Factors, compose_factors
-from ..method.projector import NullSpaceProjector, block_overlaps, probably_orthogonal
+from ..linalg.factors import Factors, compose_factors
+from ..linalg.projector import NullSpaceProjector, block_overlaps, probably_orthogonal
 from .lease import Lease
 from .provenance import content_hash, history_entry
-
-FORMAT = "seqlora.bank"
-FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
-ID_PATTERN = re.compile(r"^[a-z0-9_-]+$")
-ORTHOGONALITY_TOLERANCE = 1e-4
-DEFAULT_EPS = 1e-8
+from .reader import check_geometry, check_header, read_parts
+from .spec import (  # noqa: F401 (importable from here, as before)
+    DEFAULT_EPS, FORMAT, FORMAT_VERSION, ID_PATTERN, ORTHOGONALITY_TOLERANCE, READABLE_VERSIONS,
+)
+from .tensor_file import read_tensor_file
 
 
 def token_to_id(token: str) -> str:
@@ -306,7 +303,7 @@ class Bank:
         return float(worst.max()) if worst.numel() else 0.0
 
     def probably_orthogonal(self) -> bool:
-        """Fast sufficient check (``method.projector.probably_orthogonal``) that no two constrained
+        """Fast sufficient check (``linalg.projector.probably_orthogonal``) that no two constrained
         bases and outstanding lease blocks overlap beyond the tolerance; False means "not shown",
         and the exact check decides. In a lease file the lease's own concepts sit inside its block,
         so the probe is skipped there."""
@@ -455,15 +452,23 @@ class Bank:
                                 check=lambda tmp: check_readable(tmp, path.name), what="the bank on disk")
 
 
+def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
+                    nonfinite: set[str] | None = None) -> Bank:
+    """A validated Bank from a file's metadata and tensors (``bank.reader`` checks every field and
+    tensor, then the geometry of the built bank). ``nonfinite``: see ``reader.read_parts``."""
+    fields = read_parts(meta, tensors, name, nonfinite)
+    fields["concepts"] = [Concept(**c) for c in fields["concepts"]]
+    bank = Bank(**fields)
+    check_geometry(bank, name)
+    return bank
+
+
 def check_readable(tmp: Path, name: str) -> None:
     """Raise BankError when the reader refuses the written file ``tmp`` (to be saved as ``name``).
 
     Why read the written file rather than validate the Bank in memory: the file is what every
     later run reads; a value that changes on the way (a float32 cast that overflows, a tensor
     left out) shows only there."""
-    from .reader import bank_from_parts
-    from .tensor_file import read_tensor_file
-
     try:
         try:
             meta, tensors, nonfinite = read_tensor_file(tmp)
@@ -495,9 +500,6 @@ def load_bank(path: str | os.PathLike) -> Bank:
     Validated banks are cached by file identity (path, inode, size, mtime), so a host that loads
     the same bank for every generation pays once; callers get their own Bank object (the tensors
     are shared and never modified in place)."""
-    from .reader import bank_from_parts, check_header
-    from .tensor_file import read_tensor_file
-
     path = Path(path)
     if not path.is_file():
         raise BankError(f"Bank file {path} does not exist.")

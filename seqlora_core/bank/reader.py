@@ -1,4 +1,4 @@
-"""Bank files in, validated Banks out: every defect of a file becomes one BankError sentence.
+"""Bank files in, validated bank fields out: every defect of a file becomes one BankError sentence.
 
 A bank travels between machines and people, so nothing in it is trusted: metadata values are
 type-checked before use, every tensor must belong to a listed concept or lease and have the
@@ -16,9 +16,9 @@ from torch import Tensor
 
 from ..errors import BankError
 from ..settings import METHODS
-from .format import DEFAULT_EPS, FORMAT, ID_PATTERN, ORTHOGONALITY_TOLERANCE, READABLE_VERSIONS, Bank, Concept
 from .lease import LEASE_ID_PATTERN, Lease
-from .provenance import valid_history
+from .provenance import content_hash, valid_history
+from .spec import DEFAULT_EPS, FORMAT, ID_PATTERN, ORTHOGONALITY_TOLERANCE, READABLE_VERSIONS
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -88,7 +88,8 @@ def _check_matrix(t: Tensor, key: str, finite: _Finiteness, name: str, what) -> 
         raise BankError(f"{name}: {what()} holds non-finite values.")
 
 
-def _concept(entry, all_parts: dict, shapes: dict, name: str, version: str, finite: _Finiteness) -> Concept:
+def _concept(entry, all_parts: dict, shapes: dict, name: str, version: str, finite: _Finiteness) -> dict:
+    """The validated fields of one ``Concept`` (its content hash computed and checked here)."""
     if not isinstance(entry, dict):
         raise BankError(f"{name} has a concept entry that is not an object.")
     ident, rank, method = entry.get("id"), entry.get("rank"), entry.get("method")
@@ -129,16 +130,17 @@ def _concept(entry, all_parts: dict, shapes: dict, name: str, version: str, fini
     if emb.dim() != 2 or emb.shape[0] < 1 or emb.dtype not in FLOAT_DTYPES or not finite(f"concept.{ident}.embedding", emb):
         raise BankError(f"{name}: concept '{ident}' has a malformed token embedding.")
     stats = _stats(ident, parts, B, name, finite)
-    concept = Concept(
-        id=ident, token=entry.get("token") or f"<{ident}>", init_word=entry.get("init_word") or "",
-        rank=rank, method=method, A={k: v.float() for k, v in A.items()}, B={k: v.float() for k, v in B.items()},
-        embedding=emb.float(), created=entry.get("created") or "", settings=settings,
-        final_loss=loss, stats=stats, author=entry.get("author"), lease=lease)
+    init_word = entry.get("init_word") or ""
+    A, B, emb = {k: v.float() for k, v in A.items()}, {k: v.float() for k, v in B.items()}, emb.float()
+    digest = content_hash(rank, method, init_word, settings, A, B, emb)  # = Concept.content_hash
     recorded = entry.get("hash")
-    if version != "1" and recorded is not None and recorded != concept.hash:
+    if version != "1" and recorded is not None and recorded != digest:
         raise BankError(f"{name}: concept '{ident}' does not match its recorded content hash "
                         "(its tensors or settings were altered).")
-    return concept
+    return dict(id=ident, token=entry.get("token") or f"<{ident}>", init_word=init_word, rank=rank,
+                method=method, A=A, B=B, embedding=emb, created=entry.get("created") or "",
+                settings=settings, final_loss=loss, stats=stats, author=entry.get("author"), lease=lease,
+                hash=digest)
 
 
 def _stats(ident: str, parts: dict, B: dict, name: str, finite: _Finiteness):
@@ -211,11 +213,14 @@ def check_header(meta: dict, name: str = "bank") -> None:
                         f"versions {', '.join(READABLE_VERSIONS)}.")
 
 
-def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
-                    nonfinite: set[str] | None = None) -> Bank:
-    """A validated Bank from a file's metadata and tensors. ``nonfinite``: the keys of tensors
-    holding NaN or ±inf when the caller already knows them (``tensor_file.read_tensor_file``);
-    None checks every tensor here."""
+def read_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
+               nonfinite: set[str] | None = None) -> dict:
+    """The validated fields of a ``Bank`` (its concepts as ``Concept`` fields) from a file's
+    metadata and tensors; ``bank.format.bank_from_parts`` builds the Bank and then calls
+    :func:`check_geometry`. Plain fields rather than a Bank because ``bank.format`` is the floor
+    above: ``Bank.save`` reads back what it writes with this reader. ``nonfinite``: the keys of
+    tensors holding NaN or ±inf when the caller already knows them
+    (``tensor_file.read_tensor_file``); None checks every tensor here."""
     finite = _Finiteness(nonfinite)
     check_header(meta, name)
     version = meta.get("format_version")
@@ -235,16 +240,16 @@ def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
     concepts, shapes, seen = [], {}, set()
     for entry in entries:
         concept = _concept(entry, parts, shapes, name, version, finite)
-        if concept.id in seen:
-            raise BankError(f"{name} lists concept '{concept.id}' twice.")
-        seen.add(concept.id)
-        if version == "1" and concept.stats is not None:
+        if concept["id"] in seen:
+            raise BankError(f"{name} lists concept '{concept['id']}' twice.")
+        seen.add(concept["id"])
+        if version == "1" and concept["stats"] is not None:
             raise BankError(f"{name} is a version 1 bank but holds activation statistics.")
         concepts.append(concept)
     stray = set(parts) - seen
     if stray:
         raise BankError(f"{name} holds tensors of no listed concept (e.g. concept {_show(sorted(stray)[0], 60)}).")
-    widths = {c.embedding.shape[1] for c in concepts}
+    widths = {c["embedding"].shape[1] for c in concepts}
     if len(widths) > 1:
         raise BankError(f"{name} mixes token embeddings of widths {sorted(widths)}.")
     leases = _leases(_json(meta, "leases", name, default=[]), blocks, shapes, name, finite)
@@ -254,14 +259,13 @@ def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
     confined = meta.get("lease") or None
     if confined is not None and not any(l.id == confined and l.active for l in leases):
         raise BankError(f"{name} is a lease file of lease {_show(confined, 60)!r}, which it does not hold.")
-    bank = Bank(base, eps, concepts, leases, confined, history)
-    _check_geometry(bank, name)
-    return bank
+    return dict(base=base, eps=eps, concepts=concepts, leases=leases, confined_to=confined, history=history)
 
 
-def _check_geometry(bank: Bank, name: str) -> None:
+def check_geometry(bank, name: str) -> None:
     """No two constrained bases (or a basis and an outstanding lease) overlap; a lease file's
-    concepts lie inside its lease."""
+    concepts lie inside its lease. ``bank``: a built ``bank.format.Bank`` (its methods are used;
+    the class is not imported, see :func:`read_parts`)."""
     if bank.probably_orthogonal():  # the fast sufficient probe; the exact Gram decides otherwise
         labels, worst = [], torch.zeros(0)
     else:
@@ -283,7 +287,7 @@ def _check_geometry(bank: Bank, name: str) -> None:
                 raise BankError(f"{name}: concept '{c.id}' leaves its lease on layer {_show(layer)}.")
 
 
-def _worst_layer(bank: Bank, first: str, second: str) -> str:
+def _worst_layer(bank, first: str, second: str) -> str:
     """The layer on which two owners (concept ids or ``lease <id>`` labels) overlap most."""
     def blocks(label: str) -> dict[str, Tensor]:
         if label.startswith("lease "):
