@@ -101,6 +101,13 @@ def block_overlaps(bases: list[Tensor]) -> Tensor:
     return out.fill_diagonal_(0.0)
 
 
+def _cpu32(b: Tensor) -> Tensor:
+    """``b`` as float32 on the CPU; no ``.to`` call when it already is (a loaded bank checks 15,000
+    blocks, and each ``.to`` costs more than its arithmetic here)."""
+    b = b.detach()
+    return b if b.dtype == torch.float32 and b.device.type == "cpu" else b.to("cpu", torch.float32)
+
+
 def probably_orthogonal(bases: list[Tensor], tolerance: float, probes: int = 16,
                         generator: torch.Generator | None = None) -> bool:
     """A fast sufficient test that no two of ``bases`` overlap by more than ``tolerance``.
@@ -115,14 +122,14 @@ def probably_orthogonal(bases: list[Tensor], tolerance: float, probes: int = 16,
     widths = [b.shape[1] for b in bases]
     z = torch.randn(sum(widths), probes, generator=generator)  # (R, p)
     if len(set(widths)) == 1:  # the diagonal blocks B_iᵀB_i z_i from the k small r × r Gram blocks
-        rows = torch.cat([b.detach().to("cpu", torch.float32).T for b in bases], dim=0)  # Sᵀ, (R, m)
+        rows = torch.cat([_cpu32(b).T for b in bases], dim=0)  # Sᵀ, (R, m)
         full = rows @ (rows.T @ z)  # SᵀS z, (R, p)
         per = rows.view(len(bases), widths[0], -1)  # (k, r, m)
         blocks = torch.bmm(per, per.transpose(1, 2))  # B_iᵀB_i, (k, r, r)
         diag = torch.bmm(blocks, z.view(len(bases), widths[0], -1)).reshape(rows.shape[0], -1)
         norm_sq = blocks.diagonal(dim1=1, dim2=2).sum(1)  # ‖B_i‖_F², (k,)
     else:
-        stacked = torch.cat([b.detach().to("cpu", torch.float32) for b in bases], dim=1)  # (m, R)
+        stacked = torch.cat([_cpu32(b) for b in bases], dim=1)  # (m, R)
         full = stacked.T @ (stacked @ z)  # SᵀS z, (R, p)
         bounds = torch.tensor([0] + widths).cumsum(0).tolist()
         diag = torch.cat([stacked[:, i:j].T @ (stacked[:, i:j] @ z[i:j]) for i, j in zip(bounds, bounds[1:])])
