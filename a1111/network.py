@@ -15,7 +15,7 @@ returns no comments); the image is made without it.
 A1111 swallows exceptions raised here (it prints them to the console and goes on), so every
 problem is reported that way instead of raised.
 
-Banks named in prompts live in ``models/seqlora``. The tab's previews pass their bank object
+Banks named in prompts live in ``models/seqlora``; a name that leaves it is refused. The tab's previews pass their bank object
 directly (``p.seqlora_picks``), so they run through exactly this code.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 
 from seqlora_core.bank.fingerprint import base_fingerprint, same_base
 from seqlora_core.bank.format import Bank, check_strength, load_bank
+from seqlora_core.bank.names import bank_file_in
 from seqlora_core.errors import InputError, SeqLoRAError
 from seqlora_core.hosts.naming import compvis_layers
 from seqlora_core.method.lora import LoRAHooks
@@ -69,11 +70,19 @@ def parse_params(params_list) -> list[tuple[str, str, float]]:
     return out
 
 
+def tag_bank_path(folder: str, bank_file: str) -> str:
+    """The file a tag's BANK names inside ``folder`` (models/seqlora). A prompt is text from anyone
+    (a shared image's infotext, an API call), so the name must stay in the folder: ``../x``,
+    absolute, drive and UNC paths are refused in one sentence (``seqlora_core.bank.names``, the rule
+    ComfyUI's bank names follow)."""
+    return str(bank_file_in(folder, bank_file))
+
+
 def picks_from_prompt(params_list, folder: str) -> list[Pick]:
     """The concepts a prompt's tags name, each bank loaded from ``folder``."""
     picks, banks = [], {}
     for bank_file, concept, strength in parse_params(params_list):
-        path = os.path.join(folder, bank_file)
+        path = tag_bank_path(folder, bank_file)
         if path not in banks:
             if not os.path.exists(path):
                 raise InputError(f"There is no bank {bank_file} in {folder}.")

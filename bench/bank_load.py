@@ -1,15 +1,22 @@
-"""Time loading (and validating) a bank with many concepts: ``python bench/bank_load.py [--concepts 192]``.
+"""Time loading (and validating) banks: ``python bench/bank_load.py [--concepts 1 192] [--old REV]``.
 
-Builds a synthetic bank with the ``default`` preset's layer shapes on SD-1.5 (32 UNet cross-attention
+Builds synthetic banks with the ``default`` preset's layer shapes on SD-1.5 (32 UNet cross-attention
 to_k / to_v, 48 text-encoder projections; inputs 768 wide) and exactly orthogonal rank-4 bases,
-writes it once, then times ``load_bank`` cold (first read of the file in this process) and warm
-(the same file again: served from the cache keyed by file identity). Prints JSON.
+writes each once, then times ``load_bank`` in a fresh process per measurement: the first load
+(what a host pays when a bank appears or changes) and a second one (served from the cache keyed by
+file identity). With ``--old REV`` (and ``--new REV``, else the working tree) the same files are also loaded by the code of commit REV
+(``git archive`` of its ``seqlora_core`` into a temporary folder), alternating old and new so
+that both see the same machine load; each figure is the least of ``--repeats`` processes. Prints
+one JSON line per figure, then a table with the 1-concept and N-concept first loads side by side,
+their ratio, and the load average.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,28 +51,77 @@ def synthetic_bank(concepts: int, rank: int = 4, seed: int = 0) -> Bank:
     return bank
 
 
+CHILD = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from seqlora_core.bank.format import load_bank
+t0 = time.perf_counter(); bank = load_bank(sys.argv[2]); first = time.perf_counter() - t0
+t0 = time.perf_counter(); load_bank(sys.argv[2]); again = time.perf_counter() - t0
+print(json.dumps({"first_s": first, "again_s": again, "concepts": len(bank.concepts)}))
+"""
+
+
+def time_load(code_root: Path, bank: Path) -> dict:
+    """One fresh process loading ``bank`` twice with the code under ``code_root``."""
+    out = subprocess.run([sys.executable, "-c", CHILD, str(code_root), str(bank)], check=True,
+                         capture_output=True, text=True, cwd=code_root)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def old_tree(rev: str, into: Path) -> Path:  # noqa: D401 (also the --new tree)
+    """``seqlora_core`` as of commit ``rev``, extracted under ``into``."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "seqlora_core"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--concepts", type=int, default=192)
+    p.add_argument("--concepts", type=int, nargs="+", default=[1, 192])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--old", help="a commit whose loader to time on the same files (e.g. 442f7f5)")
+    p.add_argument("--new", help="a commit to time as the new code (default: this working tree)")
     args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bank.safetensors"
-        synthetic_bank(args.concepts).save(path)
-        size = path.stat().st_size
-        t0 = time.perf_counter()
-        bank = load_bank(path)
-        cold = time.perf_counter() - t0
-        warm = []
+        tmp = Path(tmp)
+        banks = {}
+        for n in args.concepts:
+            banks[n] = tmp / f"bank{n}.safetensors"
+            synthetic_bank(n).save(banks[n])
+        variants = {"new": ROOT}
+        if args.new:
+            (tmp / "new").mkdir()
+            variants = {"new": old_tree(args.new, tmp / "new")}
+        if args.old:
+            (tmp / "old").mkdir()
+            variants = {"old": old_tree(args.old, tmp / "old"), **variants}
+        best: dict[tuple[str, int], dict] = {}
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            load_bank(path)
-            warm.append(time.perf_counter() - t0)
-        assert len(bank.concepts) == args.concepts
-    print(json.dumps({"concepts": args.concepts, "layers": len(LAYERS), "file_mib": round(size / 2**20, 1),
-                      "cold_s": round(cold, 3), "warm_s": round(min(warm), 4),
-                      "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}))
+            for n, path in banks.items():
+                for name, root in variants.items():
+                    r = time_load(root, path)
+                    assert r["concepts"] == n
+                    key = (name, n)
+                    if key not in best or r["first_s"] < best[key]["first_s"]:
+                        best[key] = r
+        load = os.getloadavg()
+        for (name, n), r in best.items():
+            print(json.dumps({"code": f"{name} ({getattr(args, name) or 'working tree'})", "concepts": n,
+                              "layers": len(LAYERS), "file_mib": round(banks[n].stat().st_size / 2**20, 1),
+                              "first_s": round(r["first_s"], 3), "again_s": round(r["again_s"], 4)}))
+    lo, hi = min(args.concepts), max(args.concepts)
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, least of {args.repeats} fresh processes, "
+          f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min), {time.strftime('%Y-%m-%d')}")
+    print(f"| code | {lo} concept(s): first load | {hi} concepts: first load | ratio {hi}/{lo} |")
+    print("|---|---|---|---|")
+    for name in variants:
+        a, b = best[(name, lo)]["first_s"], best[(name, hi)]["first_s"]
+        label = f"{name} ({getattr(args, name) or 'working tree'})"
+        print(f"| {label} | {a:.3f} s | {b:.3f} s | ×{b / a:.1f} |")
+    if args.old:
+        print(f"speed-up at {hi} concepts: ×{best[('old', hi)]['first_s'] / best[('new', hi)]['first_s']:.1f}")
 
 
 if __name__ == "__main__":

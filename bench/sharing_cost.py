@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from seqlora_core.bank.format import Bank, Concept, load_bank  # noqa: E402
-from seqlora_core.bank.lease import lease_to_file  # noqa: E402
+from seqlora_core.bank.lease_file import lease_to_file  # noqa: E402
 from seqlora_core.bank.merge import merge_files  # noqa: E402
 from seqlora_core.method.projector import NullSpaceProjector  # noqa: E402
 

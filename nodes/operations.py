@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from seqlora_core.bank.format import Bank, load_bank
 from seqlora_core.bank.lock import BankSession
 from seqlora_core.bank.merge import merge_banks, parse_renames
+from seqlora_core.bank.names import check_bank_name  # the rule lives in the core: A1111 shares it
 from seqlora_core.errors import BankError, InputError
 from seqlora_core.bank.export import lora_state_dict
 from seqlora_core.bank.fingerprint import base_fingerprint
@@ -28,7 +28,6 @@ from seqlora_core.method.trainer import TrainSettings, new_bank, train_concept
 from .concept_tokenizer import ConceptTokenizer
 
 FOLDER = "seqlora"
-SAFE_NAME = re.compile(r"^[A-Za-z0-9 _.()-]+$")
 # Inside ComfyUI a bank for another base is used only with the node's toggle, never a CLI flag.
 OTHER_BASE_HINT = "turn on allow_other_base to use it anyway"
 
@@ -67,16 +66,6 @@ def bank_file_identity(name: str):
     """Changes whenever the named bank file changes on disk (Load Basis Bank's change check)."""
     path = bank_path(name)
     return (name, file_identity(path) if path else None)
-
-
-def check_bank_name(name: str) -> str | None:
-    """None if ``name`` can be a bank file name, else the one sentence saying why not."""
-    stem = name.strip()
-    if stem.endswith(".safetensors"):
-        stem = stem[: -len(".safetensors")]
-    if not stem or not SAFE_NAME.match(stem):
-        return f"Bank name '{name}' may only use letters, digits, spaces and _ . ( ) -."
-    return None
 
 
 # -- base checks ---------------------------------------------------------------------------------

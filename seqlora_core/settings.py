@@ -21,6 +21,15 @@ METHODS = ("seqlora", "alternating", "frozen-basis", "lora")
 CONSTRAINED_METHODS = ("seqlora", "alternating", "frozen-basis")
 # The memory setting: "default" or a "+"-joined set of levers (method/trainer.py, memory_levers)
 MEMORY_LEVERS = ("low", "checkpoint", "slice")
+# Target presets (``method.targets`` explains them): regular expressions over canonical layer
+# names. Here, not in ``method/``, because ``bank.fingerprint`` samples the ``full`` preset's UNet
+# layers and ``bank/`` never imports ``method/``.
+TEXT_ATTENTION = r"^text_encoder\..*self_attn\.(q|k|v|out)_proj$"
+PRESETS: dict[str, list[str]] = {
+    "default": [r"^unet\..*attn2\.to_[kv]$", TEXT_ATTENTION],
+    "unet-cross": [r"^unet\..*attn2\.to_[kv]$"],
+    "full": [r"^unet\..*attn[12]\.(to_q|to_k|to_v|to_out\.0)$", TEXT_ATTENTION],
+}
 MEMORY_MODES = ("default", "low", "checkpoint", "slice", "low+checkpoint", "low+slice", "checkpoint+slice",
                 "low+checkpoint+slice")
 

@@ -9,8 +9,11 @@ from pathlib import Path
 from .tab import TabSession, build_tab
 
 
-def serve(base: str, bank: str, port: int, device: str = "auto", steps: int = 25) -> None:
-    """The tab on the diffusers host, served on 127.0.0.1 only."""
+def serve(base: str, bank: str, port: int, device: str = "auto", steps: int = 25,
+          allow_any_path: bool = False) -> None:
+    """The tab on the diffusers host, served on 127.0.0.1 only. Bank paths typed into the page
+    stay inside the bank's folder unless ``allow_any_path`` (a page on localhost is still reachable
+    by other users of the machine and by port forwarding)."""
     from seqlora_core.hosts.diffusers_host import DiffusersHost
     from seqlora_core.sampling.generate import generate
 
@@ -26,7 +29,8 @@ def serve(base: str, bank: str, port: int, device: str = "auto", steps: int = 25
 
     session = TabSession(factory, Path(bank), resolution=resolution, sample=sample,
                          sample_steps={"tiny": 4, "toy": 20}.get(base, steps),
-                         export_dir=Path(bank).resolve().parent / "exports")
+                         export_dir=Path(bank).resolve().parent / "exports",
+                         bank_root=None if allow_any_path else Path(bank).resolve().parent)
     tab = build_tab(session)
     tab.queue().launch(server_name="127.0.0.1", server_port=port, show_error=True, prevent_thread_lock=False)
 
@@ -37,5 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bank", default="out/ui/bank.safetensors")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default="auto")
+    p.add_argument("--allow-any-path", action="store_true",
+                   help="let the page open and merge banks anywhere the server can read (default: only "
+                        "inside the --bank file's folder)")
     args = p.parse_args(argv)
-    serve(args.base, args.bank, args.port, args.device)
+    serve(args.base, args.bank, args.port, args.device, allow_any_path=args.allow_any_path)

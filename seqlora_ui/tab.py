@@ -57,6 +57,20 @@ class TabSession:
     should_stop: Callable[[], bool] | None = None  # host's own interrupt flag
     on_progress: Callable[[int, int, float], None] | None = None  # host's own progress display
     stop_requested: threading.Event = field(default_factory=threading.Event)  # the tab's Stop button
+    bank_root: Path | None = None  # typed bank paths must lie in this folder; None: any path
+
+    def user_path(self, text: str) -> Path:
+        """A bank path typed into the page. The page is a web page: with ``bank_root`` set (the
+        standalone app unless started with --allow-any-path) anyone who can reach it may only open
+        or merge banks inside that folder, never any file the server can read."""
+        path = Path(text.strip()).expanduser()
+        if self.bank_root is None:
+            return path
+        root, resolved = self.bank_root.resolve(), path.resolve()
+        if resolved != root and root not in resolved.parents:
+            raise InputError(f"{text.strip()[:120]} is outside the bank folder {root}; start the app with "
+                             "--allow-any-path to open banks anywhere.")
+        return path
 
     def host(self):
         return self.host_factory()
@@ -275,7 +289,7 @@ class TabActions:
             if upload is not None:
                 self.session.adopt_upload(_path(upload))
             elif path_text:
-                self.session.bank_path = Path(path_text).expanduser()
+                self.session.bank_path = self.session.user_path(path_text)
                 if self.session.bank_path.exists():
                     load_bank(self.session.bank_path)
             msg = f"bank: {html.escape(str(self.session.bank_path))}"
@@ -307,11 +321,14 @@ class TabActions:
         from seqlora_core.bank.merge import merge_files
 
         try:
-            other = _path(upload) if upload is not None else (path_text or "").strip()
-            if not other:
+            if upload is not None:
+                other = Path(_path(upload))
+            elif (path_text or "").strip():
+                other = self.session.user_path(path_text)
+            else:
                 raise InputError("Upload a bank or give its path to merge it in.")
             path = self.session.bank_path
-            result = merge_files(path, [path, Path(other).expanduser()], bool(rebase))
+            result = merge_files(path, [path, other], bool(rebase))
             notes = [f"rebased {html.escape(i)} (relative residual change {c:.3f})" for i, c in result.rebased]
             notes += [f"lease {html.escape(i)} returned" for i in result.returned]
             msg = (f"<span class='seqlora-ok'>merged: {len(result.bank.concepts)} concept(s)"
@@ -325,7 +342,7 @@ class TabActions:
         import re
         import time
 
-        from seqlora_core.bank.lease import lease_to_file
+        from seqlora_core.bank.lease_file import lease_to_file
 
         try:
             slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name or "lease").strip("-")[:40] or "lease"

@@ -93,10 +93,18 @@ def _bank(bases: list[torch.Tensor]) -> Bank:
     return bank
 
 
+def _write_unchecked(bank, path):
+    """Write a bank the reader refuses, as another tool could: ``Bank.save`` reads back what it
+    writes and refuses to (issue 22 1b), so the loader's own refusal is tested on a raw file."""
+    from safetensors.torch import save_file
+
+    save_file(bank.tensors(), str(path), metadata=bank.metadata())
+
+
 def test_loading_refuses_overlapping_bases_and_names_the_layer(tmp_path):
     bases = _bases(4)
     bases[2] = torch.linalg.qr((bases[2] + 0.01 * bases[0]).double())[0].float()
-    _bank(bases).save(tmp_path / "bad.safetensors")
+    _write_unchecked(_bank(bases), tmp_path / "bad.safetensors")
     with pytest.raises(BankError, match="overlap by .* on unet.l"):
         load_bank(tmp_path / "bad.safetensors")
 
@@ -104,7 +112,7 @@ def test_loading_refuses_overlapping_bases_and_names_the_layer(tmp_path):
 def test_loading_refuses_non_finite_values(tmp_path):
     bank = _bank(_bases(3))
     bank.concepts[1].A["unet.l"] = torch.full((8, 4), float("nan"))
-    bank.save(tmp_path / "nan.safetensors")
+    _write_unchecked(bank, tmp_path / "nan.safetensors")
     with pytest.raises(BankError, match="'c1' layer unet.l holds non-finite"):
         load_bank(tmp_path / "nan.safetensors")
 

@@ -275,7 +275,7 @@ def cmd_bank_remove(args) -> None:
 
 
 def cmd_bank_lease(args) -> None:
-    from ..bank.lease import lease_to_file
+    from ..bank.lease_file import lease_to_file
     from ..bank.provenance import author_or_env
 
     lease = lease_to_file(args.file, args.out, args.name, args.concepts, args.rank, args.wait,

@@ -1,6 +1,7 @@
 """Reference images → tensors in [-1, 1] at the training resolution (centre crop, no hub, no GPU)."""
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,17 +19,76 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
 
-def image_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Files given directly, plus every file inside given folders (sorted, not recursive)."""
+def image_files(paths: Iterable[str | Path], warn: Callable[[str], None] = _warn) -> list[Path]:
+    """Files given directly, plus every file inside given folders (sorted, not recursive).
+
+    Inside a folder, an entry named like an image that is no readable file (a folder called
+    ``x.png``, a broken link, a link loop) is skipped with a warning naming it: the user put it
+    there as a picture, so silently training on one picture fewer would hide a mistake, while
+    refusing the run for it would punish an otherwise usable folder (unreadable non-image files
+    are skipped the same way). Other sub-folders (a masks folder, say) are passed over quietly."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+            for f in sorted(p.iterdir()):
+                if f.name.startswith("."):
+                    continue
+                if f.is_file():
+                    files.append(f)
+                elif f.suffix.lower() in IMAGE_SUFFIXES:
+                    warn(f"skipping {f}: {_not_a_file(f)}")
         elif p.is_file():
             files.append(p)
         else:
             raise InputError(f"Image path {p} does not exist.")
     return files
+
+
+def _not_a_file(f: Path) -> str:
+    """Why a path named like an image cannot be read as a file, in a few words."""
+    if f.is_symlink():
+        try:
+            f.resolve(strict=True)
+        except (OSError, RuntimeError):  # RuntimeError: a link loop on Python < 3.13
+            return "a broken link or a link loop"
+    return "a folder, not an image file" if f.is_dir() else "not a regular file"
+
+
+def upright_rgb_ready(img):
+    """The image turned as its EXIF orientation says (phones store portraits on their side) and,
+    for 16-bit and 32-bit greyscale ('I;16', 'I', 'F'), scaled to 8-bit 'L': PIL's own convert
+    clips those values at 255, so a 16-bit PNG came out solid white."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        if img.mode == "F":
+            top = 1.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 255.0
+        else:  # 16-bit samples (PNG), also when PIL gives them as 32-bit 'I'
+            top = 65535.0 if img.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 255.0
+        img = Image.fromarray(np.clip(np.nan_to_num(arr) * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+    return img
+
+
+def open_image(path: Path):
+    """The loaded, upright PIL image at ``path``; an image too large to decode safely is one
+    InputError naming the file (PIL refuses files over twice ``Image.MAX_IMAGE_PIXELS``, ~179
+    megapixels, as a possible decompression bomb). Refused, not downscaled: shrinking needs the
+    whole image decoded first, the memory the limit is there to protect; the user's image editor
+    does it once. Other unreadable files raise as PIL does (callers skip them with a warning)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as src:
+            src.load()
+            img = upright_rgb_ready(src)
+            return img.copy() if img is src else img  # closing ``src`` invalidates its pixels
+    except Image.DecompressionBombError as exc:
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f" ({int(size.group(1)) / 1e6:.0f} megapixels)" if size else ""
+        raise InputError(f"Image {path} is too large to load safely{pixels}; scale it down to a few "
+                         "thousand pixels a side and run again.") from None
 
 
 FITS = ("crop", "pad", "stretch")  # how a photo becomes an R×R training image
@@ -98,10 +158,9 @@ def read_mask(path: Path, resolution: int, fit: str = "crop") -> Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            alpha = alpha_channel(img)
-            return pil_to_mask(img.convert("L") if alpha is None else alpha, resolution, fit)
+        img = open_image(path)
+        alpha = alpha_channel(img)
+        return pil_to_mask(img.convert("L") if alpha is None else alpha, resolution, fit)
     except (UnidentifiedImageError, OSError, ValueError):
         raise InputError(f"Mask {path} could not be read as an image.") from None
 
@@ -123,19 +182,23 @@ def load_images_and_masks(paths: Iterable[str | Path], resolution: int, warn: Ca
     if mask_dir is not None and not Path(mask_dir).is_dir():
         raise InputError(f"Mask folder {mask_dir} does not exist.")
     out, masks = [], []
-    for f in image_files(paths):
+    for f in image_files(paths, warn):
         try:
-            with Image.open(f) as img:
-                img.load()
-                out.append(pil_to_tensor(img, resolution, fit))
-                alpha = alpha_channel(img) if mask_dir is None else None
+            img = open_image(f)
+            out.append(pil_to_tensor(img, resolution, fit))
+            alpha = alpha_channel(img) if mask_dir is None else None
         except (UnidentifiedImageError, OSError, ValueError):
             warn(f"skipping {f}: not an image")
             continue
         if mask_dir is not None:
-            masks.append(read_mask(mask_file(Path(mask_dir), f), resolution, fit))
+            source = mask_file(Path(mask_dir), f)
+            masks.append(read_mask(source, resolution, fit))
         else:
+            source = f
             masks.append(None if alpha is None else pil_to_mask(alpha, resolution, fit))
+        if masks[-1] is not None and float(masks[-1].sum()) <= 0:
+            raise InputError(f"The mask of {f} marks nothing to train on ({source.name} is fully "
+                             f"{'transparent' if source == f else 'black'}); give it a subject or leave it out.")
     if not out:
         raise InputError("No usable images were given (none of the files could be read as an image).")
     if all(m is None for m in masks):

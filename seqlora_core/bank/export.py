@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import save_safetensors_atomic
+from .atomic import save_many_atomic
 from .format import Bank
 from ..errors import InputError
 
@@ -50,7 +50,9 @@ def export_lora(bank: Bank, ids: list[str] | None, out: str | os.PathLike,
                 embeddings_dir: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:
     """Write the LoRA to ``out`` and the embeddings to ``embeddings_dir`` (default
     ``<out stem>_embeddings/``; a host passes its own embeddings folder, A1111 must, since its
-    Lora loader lists every file under its Lora folder as a LoRA); returns the paths."""
+    Lora loader lists every file under its Lora folder as a LoRA); returns the paths. All files are
+    written to temp files first and renamed together, so a full disk or a name too long for the
+    file system (a long id) leaves no half-written export, only one sentence."""
     out = Path(out)
     emb_dir = Path(embeddings_dir) if embeddings_dir is not None else embeddings_dir_for(out)
     concepts = bank.select(ids)
@@ -58,10 +60,9 @@ def export_lora(bank: Bank, ids: list[str] | None, out: str | os.PathLike,
         raise InputError("The bank has no concepts to export.")
     meta = {"seqlora_concepts": json.dumps([{"id": c.id, "token": c.token} for c in concepts]),
             "seqlora_base": json.dumps(bank.base)}
-    save_safetensors_atomic(lora_state_dict(bank, [c.id for c in concepts]), out, meta)
-    written = []
-    for c in concepts:
-        path = emb_dir / f"{c.id}.safetensors"
-        save_safetensors_atomic({"emb_params": c.embedding.float().contiguous()}, path, {"token": c.token})
-        written.append(path)
+    files = [(lora_state_dict(bank, [c.id for c in concepts]), out, meta)]
+    written = [emb_dir / f"{c.id}.safetensors" for c in concepts]
+    files += [({"emb_params": c.embedding.float().contiguous()}, path, {"token": c.token})
+              for c, path in zip(concepts, written)]
+    save_many_atomic(files, what="any earlier export under those names")  # all or nothing
     return out, written

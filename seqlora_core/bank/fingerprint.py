@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..method.targets import PRESETS
+from ..settings import PRESETS
 
 SAMPLES = 64
 SKETCH_EVERY = 16  # every 16th of the 64 samples: 4 values per layer go into the bank's header

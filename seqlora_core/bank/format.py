@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,17 +33,16 @@ from torch import Tensor
 from .atomic import save_safetensors_atomic
 from ..settings import CONSTRAINED_METHODS
 from ..errors import BankError, CapacityError, InputError
-from ..method.lora import Factors, compose_factors
-from ..method.projector import NullSpaceProjector, block_overlaps, probably_orthogonal
+from ..linalg.factors import Factors, compose_factors
+from ..linalg.projector import NullSpaceProjector, block_overlaps, probably_orthogonal
 from .lease import Lease
 from .provenance import content_hash, history_entry
+from .reader import check_geometry, check_header, read_parts
+from .spec import (  # noqa: F401 (importable from here, as before)
+    DEFAULT_EPS, FORMAT, FORMAT_VERSION, ID_PATTERN, ORTHOGONALITY_TOLERANCE, READABLE_VERSIONS,
+)
+from .tensor_file import read_tensor_file
 
-FORMAT = "seqlora.bank"
-FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
-ID_PATTERN = re.compile(r"^[a-z0-9_-]+$")
-ORTHOGONALITY_TOLERANCE = 1e-4
-DEFAULT_EPS = 1e-8
 MAX_STRENGTH = 10.0  # |strength| of a composed concept; beyond it a picture only saturates
 
 
@@ -322,7 +320,7 @@ class Bank:
         return float(worst.max()) if worst.numel() else 0.0
 
     def probably_orthogonal(self) -> bool:
-        """Fast sufficient check (``method.projector.probably_orthogonal``) that no two constrained
+        """Fast sufficient check (``linalg.projector.probably_orthogonal``) that no two constrained
         bases and outstanding lease blocks overlap beyond the tolerance; False means "not shown",
         and the exact check decides. In a lease file the lease's own concepts sit inside its block,
         so the probe is skipped there."""
@@ -468,8 +466,40 @@ class Bank:
                 "history": json.dumps(self.history)}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically: a reader sees the old file or the new one, never a mix."""
-        save_safetensors_atomic(self.tensors(), path, self.metadata())
+        """Write atomically: a reader sees the old file or the new one, never a mix. What is about
+        to be written is first read back with the bank reader; a bank the reader would refuse is
+        never renamed into place (the old file stays, one BankError says why)."""
+        path = Path(path)
+        save_safetensors_atomic(self.tensors(), path, self.metadata(),
+                                check=lambda tmp: check_readable(tmp, path.name), what="the bank on disk")
+
+
+def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
+                    nonfinite: set[str] | None = None) -> Bank:
+    """A validated Bank from a file's metadata and tensors (``bank.reader`` checks every field and
+    tensor, then the geometry of the built bank). ``nonfinite``: see ``reader.read_parts``."""
+    fields = read_parts(meta, tensors, name, nonfinite)
+    fields["concepts"] = [Concept(**c) for c in fields["concepts"]]
+    bank = Bank(**fields)
+    check_geometry(bank, name)
+    return bank
+
+
+def check_readable(tmp: Path, name: str) -> None:
+    """Raise BankError when the reader refuses the written file ``tmp`` (to be saved as ``name``).
+
+    Why read the written file rather than validate the Bank in memory: the file is what every
+    later run reads; a value that changes on the way (a float32 cast that overflows, a tensor
+    left out) shows only there."""
+    try:
+        try:
+            meta, tensors, nonfinite = read_tensor_file(tmp)
+        except (OSError, ValueError):
+            raise BankError("it is not a readable safetensors file") from None
+        bank_from_parts(meta, tensors, name, nonfinite)
+    except BankError as exc:
+        raise BankError(f"{name} was not written, because the bank reader would refuse the result "
+                        f"({str(exc).rstrip('.')}); the bank on disk was left as it was.") from None
 
 
 _CACHE: "OrderedDict[tuple, Bank]" = OrderedDict()
@@ -485,13 +515,13 @@ def _file_identity(path: Path) -> tuple:
 def load_bank(path: str | os.PathLike) -> Bank:
     """Read and validate a bank file (``bank.reader``); every defect becomes one BankError sentence.
 
+    The file is read in one pass (``bank.tensor_file``: one read into one buffer, tensors as views
+    of it, finiteness of each run of tensors in one sum) and closed before this returns, so a later
+    save can rename over it on every platform.
+
     Validated banks are cached by file identity (path, inode, size, mtime), so a host that loads
     the same bank for every generation pays once; callers get their own Bank object (the tensors
     are shared and never modified in place)."""
-    from safetensors import safe_open
-
-    from .reader import bank_from_parts
-
     path = Path(path)
     if not path.is_file():
         raise BankError(f"Bank file {path} does not exist.")
@@ -500,12 +530,14 @@ def load_bank(path: str | os.PathLike) -> Bank:
         _CACHE.move_to_end(key)
         return _CACHE[key].copy()
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception:  # safetensors raises several types for damaged files
+        # one pass (tensor_file): the header first (a multi-GB checkpoint fails before any tensor
+        # is read), then every tensor and which hold non-finite values
+        meta, tensors, nonfinite = read_tensor_file(path, lambda meta: check_header(meta, path.name))
+    except BankError:
+        raise
+    except Exception:  # OSError, ValueError (a damaged header or data region), MemoryError, ...
         raise BankError(f"{path.name} is not a readable safetensors file.") from None
-    bank = bank_from_parts(meta, tensors, path.name)
+    bank = bank_from_parts(meta, tensors, path.name, nonfinite)
     _CACHE[key] = bank
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)

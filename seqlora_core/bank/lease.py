@@ -66,7 +66,7 @@ def lease_id_for(name: str) -> str:
 def carve_block(taken: list[Tensor], in_features: int, width: int, eps: float,
                 generator: torch.Generator) -> Tensor:
     """Orthonormal columns (m × width, float32) orthogonal to every column block in ``taken``."""
-    from ..method.projector import NullSpaceProjector
+    from ..linalg.projector import NullSpaceProjector
 
     blocks = [torch.cat([t.to(torch.float64) for t in taken], 1)] if taken else []  # one Gram inverse
     projector = NullSpaceProjector(in_features, blocks, eps)
@@ -97,32 +97,4 @@ def grant(bank, name: str, concepts: int, rank: int, author: str | None = None,
                                 f"{width} ({concepts} concepts of rank {rank}).")
         blocks[layer] = carve_block(taken, m, width, bank.eps, gen)
     lease = Lease(lease_id_for(name), name.strip(), concepts, rank, blocks, author=author)
-    return lease
-
-
-def lease_to_file(bank_path, out, name: str, concepts: int, rank: int, wait: bool = False,
-                  author: str | None = None, seed: int | None = None) -> Lease:
-    """Grant a lease of the bank file ``bank_path`` under its lock, record it there and write the
-    lease file ``out`` (never an existing file). What the CLI and the tab call."""
-    from pathlib import Path
-
-    from ..errors import BankError
-    from .lock import BankSession
-
-    bank_path, out = Path(bank_path), Path(out)
-    if out.resolve() == bank_path.resolve():
-        raise InputError("The lease file must be another file than the bank.")
-    if out.exists():
-        raise InputError(f"{out.name} already exists; choose a new name for the lease file.")
-    with BankSession(bank_path, wait, f"granting a lease to {name}") as session:
-        if session.bank is None:
-            raise BankError(f"Bank file {bank_path} does not exist.")
-        lease = grant(session.bank, name, concepts, rank, author, seed)
-        granted = session.bank.with_lease(lease)
-        granted.lease_file(lease.id).save(out)
-        try:
-            session.commit(granted, what=f"the bank with lease {lease.id}")
-        except BaseException:
-            out.unlink(missing_ok=True)  # a lease the bank does not record must not exist
-            raise
     return lease

@@ -5,7 +5,8 @@ inside :class:`BankSession`:
 
 1. it takes an advisory lock on ``.<bank name>.lock`` beside the bank (``flock`` on POSIX,
    ``msvcrt.locking`` on Windows; the OS releases it when the process dies, so there are no
-   stale locks). A second writer waits (``wait=True``, the CLI's ``--wait``) or is refused with
+   stale locks; temp files a writer killed mid-save left of this bank are removed then). A second
+   writer waits (``wait=True``, the CLI's ``--wait``) or is refused with
    one sentence naming the holder (:class:`BankBusy`);
 2. it reads the bank under the lock and remembers the file's identity (device, inode, size,
    modification time);
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 from ..errors import BankError, SeqLoRAError
+from .atomic import remove_stale_temps, why
 from .provenance import now_iso
 
 
@@ -94,12 +96,16 @@ class BankLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        """Take the lock, then remove what a writer killed mid-save left of this bank (its stale
+        temp files: no other SeqLoRA writer of the bank can be running while we hold the lock).
+        A place where the lock file cannot be created (a full disk, a read-only or absent folder)
+        is one BankError sentence."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:  # a read-only or absent place: the bank could not be written there either
+        except OSError as exc:
             raise BankError(f"Cannot use {self.bank} as a bank: no lock file can be created beside it "
-                            f"({exc.strerror or exc}).") from None
+                            f"({why(exc)}); the bank was left as it was.") from None
         start = time.monotonic()
         while not _try_lock(fd):
             timed_out = self.timeout_s is not None and time.monotonic() - start > self.timeout_s
@@ -108,11 +114,20 @@ class BankLock:
                 raise BankBusy(f"{self.bank.name} is in use ({_holder(self.path)}); try again when it is "
                                "done, or pass --wait to wait for it.")
             time.sleep(self.poll_s)
-        info = json.dumps({"pid": os.getpid(), "purpose": self.purpose, "since": now_iso()}).encode()
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, info)
         self._fd = fd
+        self._write_holder()
+        remove_stale_temps(self.bank)
+
+    def _write_holder(self) -> None:
+        """Who holds the lock, for a refused second writer's message; best effort: a full disk
+        must not stop a writer that already holds the lock (its saves say so themselves)."""
+        info = json.dumps({"pid": os.getpid(), "purpose": self.purpose, "since": now_iso()}).encode()
+        try:
+            os.ftruncate(self._fd, 0)
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            os.write(self._fd, info)
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self._fd is None:

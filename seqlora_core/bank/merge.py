@@ -16,7 +16,7 @@ Rules (README "Merging banks"):
   pairs, unless ``rebase``: then each later concept's B is projected onto the null space of the
   kept ones (and of the leases still out), re-orthonormalised, and its A refitted in closed form so
   that ``A' B'ᵀ x ≈ A Bᵀ x`` on the concept's own inputs: with Σ̂ its input second moment rebuilt
-  from the stored activation statistics (``method.activation_stats.second_moment_times``, never formed as an m × m matrix),
+  from the stored activation statistics (``linalg.moments.second_moment_times``, never formed as an m × m matrix),
   A' = A Bᵀ Σ̂ B' (B'ᵀ Σ̂ B')⁻¹, the minimiser of tr((ΔW − A'B'ᵀ) Σ̂ (ΔW − A'B'ᵀ)ᵀ). The relative
   residual change ‖ΔW − A'B'ᵀ‖_Σ̂ / ‖ΔW‖_Σ̂ (over all layers) is reported per rebased concept.
 """
@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from ..errors import BankError, CapacityError, InputError
-from ..method.activation_stats import second_moment_times
-from ..method.projector import NullSpaceProjector
+from ..linalg.moments import second_moment_times
+from ..linalg.projector import NullSpaceProjector
 from .fingerprint import Fingerprint, same_base
 from .format import ID_PATTERN, ORTHOGONALITY_TOLERANCE, Bank, Concept
 from .lease import Lease
@@ -205,9 +205,9 @@ def merge_banks(banks: list[Bank], names: list[str], rebase: bool = False,
                                  note=f"{len(banks)} inputs" + (f", dropped removed {', '.join(dropped)}" if dropped else "")))
     history = merged_history([b.history for b in banks]) + entries
     merged = Bank(dict(banks[0].base), eps, out, leases, None, history)
-    from .reader import _check_geometry
+    from .reader import check_geometry
 
-    _check_geometry(merged, "the merged bank")
+    check_geometry(merged, "the merged bank")
     return MergeResult(merged, rebased, returned, renamed, dropped)
 
 

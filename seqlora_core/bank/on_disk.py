@@ -7,7 +7,7 @@ a concept that the file holds (the result goes to a pending file instead):
 
 * :func:`file_identity` changes whenever the file's bytes change (size, modification time and a
   content hash, the hash cached per (size, mtime) so repeated checks of an unchanged file cost one
-  ``stat``); a host's change check compares it to decide whether to load again.
+  ``stat``; the cache keeps the 32 most recently checked files); a host's change check compares it to decide whether to load again.
 * :func:`concepts_in_file` lists a file's concepts from its header alone (the concept picker).
 """
 from __future__ import annotations
@@ -15,12 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 from safetensors import safe_open
 
 
-_HASHES: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime_ns) → sha256
+# (path, inode, size, mtime_ns) → sha256, least recently used first. Bounded: a host polls the few
+# banks its workflows use, but every rewrite of a bank makes a new key, so an unbounded cache grew
+# by one entry per save for the life of the process.
+_HASHES: "OrderedDict[tuple[str, int, int, int], str]" = OrderedDict()
+_HASHES_SIZE = 32
 
 
 def file_identity(path: str | os.PathLike) -> tuple[int, int, str] | None:
@@ -30,12 +35,16 @@ def file_identity(path: str | os.PathLike) -> tuple[int, int, str] | None:
     except FileNotFoundError:
         return None
     key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
+    if key in _HASHES:
+        _HASHES.move_to_end(key)
+    else:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         _HASHES[key] = digest.hexdigest()
+        while len(_HASHES) > _HASHES_SIZE:
+            _HASHES.popitem(last=False)
     return st.st_size, st.st_mtime_ns, _HASHES[key]
 
 

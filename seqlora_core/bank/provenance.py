@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from datetime import datetime, timezone
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 AUTHOR_ENV = "SEQLORA_AUTHOR"
+_LITTLE = np.dtype(np.float32).byteorder == "=" and np.little_endian
 ACTIONS = ("append", "remove", "lease", "return", "rebase", "rename", "merge")
 
 
@@ -40,9 +42,18 @@ def author_or_env(explicit: str | None = None) -> str | None:
     return name[:200] or None
 
 
-def _tensor_bytes(t: Tensor) -> bytes:
-    arr = t.detach().to("cpu", torch.float32).contiguous().numpy()
-    return arr.astype("<f4", copy=False).tobytes()
+def _tensor_bytes(t: Tensor) -> np.ndarray:
+    """The float32 little-endian values, as a buffer ``hashlib`` reads in place: no copy for a
+    float32 CPU tensor (a bank just read holds only those), one conversion otherwise."""
+    t = t.detach()
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+        t = t.to("cpu", torch.float32).contiguous()
+    arr = t.numpy()
+    return arr if _LITTLE else np.ascontiguousarray(arr.astype("<f4"))
+
+
+def _shape_bytes(shape) -> bytes:
+    return struct.pack(f"<{len(shape)}q", *shape)  # int64 little-endian, as np.asarray(shape, "<i8")
 
 
 def content_hash(rank: int, method: str, init_word: str, settings: dict,
@@ -53,11 +64,11 @@ def content_hash(rank: int, method: str, init_word: str, settings: dict,
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     for name in sorted(A):
         digest.update(name.encode())
-        digest.update(np.asarray(A[name].shape, dtype="<i8").tobytes())
+        digest.update(_shape_bytes(A[name].shape))
         digest.update(_tensor_bytes(A[name]))
-        digest.update(np.asarray(B[name].shape, dtype="<i8").tobytes())
+        digest.update(_shape_bytes(B[name].shape))
         digest.update(_tensor_bytes(B[name]))
-    digest.update(np.asarray(embedding.shape, dtype="<i8").tobytes())
+    digest.update(_shape_bytes(embedding.shape))
     digest.update(_tensor_bytes(embedding))
     return digest.hexdigest()
 

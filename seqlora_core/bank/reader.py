@@ -1,4 +1,4 @@
-"""Bank files in, validated Banks out: every defect of a file becomes one BankError sentence.
+"""Bank files in, validated bank fields out: every defect of a file becomes one BankError sentence.
 
 A bank travels between machines and people, so nothing in it is trusted: metadata values are
 type-checked before use, every tensor must belong to a listed concept or lease and have the
@@ -16,9 +16,9 @@ from torch import Tensor
 
 from ..errors import BankError
 from ..settings import METHODS
-from .format import DEFAULT_EPS, FORMAT, ID_PATTERN, ORTHOGONALITY_TOLERANCE, READABLE_VERSIONS, Bank, Concept
 from .lease import LEASE_ID_PATTERN, Lease
-from .provenance import valid_history
+from .provenance import content_hash, valid_history
+from .spec import DEFAULT_EPS, FORMAT, ID_PATTERN, ORTHOGONALITY_TOLERANCE, READABLE_VERSIONS
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -66,14 +66,30 @@ def _split_keys(tensors: dict[str, Tensor], name: str) -> tuple[dict, dict]:
     return concepts, leases
 
 
-def _check_matrix(t: Tensor, what: str, name: str) -> None:
+class _Finiteness:
+    """Which tensors hold NaN or ±inf: the keys ``tensor_file.read_tensor_file`` found in its one
+    pass over the file (so no tensor is summed again here), or, for tensors handed in without
+    that (``nonfinite=None``), a check of each tensor's values."""
+
+    def __init__(self, nonfinite: set[str] | None):
+        self.nonfinite = nonfinite
+
+    def __call__(self, key: str, t: Tensor) -> bool:
+        if self.nonfinite is not None:
+            return key not in self.nonfinite
+        return bool(torch.isfinite(t).all())
+
+
+def _check_matrix(t: Tensor, key: str, finite: _Finiteness, name: str, what) -> None:
+    """``what()`` names the tensor in a message; called only on a refusal (30,000 tensors in a big bank)."""
     if t.dtype not in FLOAT_DTYPES:
-        raise BankError(f"{name}: {what} has dtype {t.dtype}, not a floating-point type.")
-    if not bool(torch.isfinite(t.sum(dtype=torch.float64))):  # NaN or ±inf iff some value is
-        raise BankError(f"{name}: {what} holds non-finite values.")
+        raise BankError(f"{name}: {what()} has dtype {t.dtype}, not a floating-point type.")
+    if not finite(key, t):
+        raise BankError(f"{name}: {what()} holds non-finite values.")
 
 
-def _concept(entry, all_parts: dict, shapes: dict, name: str, version: str) -> Concept:
+def _concept(entry, all_parts: dict, shapes: dict, name: str, version: str, finite: _Finiteness) -> dict:
+    """The validated fields of one ``Concept`` (its content hash computed and checked here)."""
     if not isinstance(entry, dict):
         raise BankError(f"{name} has a concept entry that is not an object.")
     ident, rank, method = entry.get("id"), entry.get("rank"), entry.get("method")
@@ -103,29 +119,31 @@ def _concept(entry, all_parts: dict, shapes: dict, name: str, version: str) -> C
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != rank or b.shape[1] != rank:
             raise BankError(f"{name}: concept '{ident}' layer {_show(layer)} has factors of shape "
                             f"{tuple(a.shape)} and {tuple(b.shape)}, not rank {rank}.")
-        _check_matrix(a, f"concept '{ident}' layer {_show(layer)}", name)
-        _check_matrix(b, f"concept '{ident}' layer {_show(layer)}", name)
+        what = lambda: f"concept '{ident}' layer {_show(layer)}"  # noqa: E731
+        _check_matrix(a, f"concept.{ident}.A.{layer}", finite, name, what)
+        _check_matrix(b, f"concept.{ident}.B.{layer}", finite, name, what)
         expected = shapes.setdefault(layer, (a.shape[0], b.shape[0]))
         if expected != (a.shape[0], b.shape[0]):
             raise BankError(f"{name}: layer {_show(layer)} has width {expected} for one concept and "
                             f"{(a.shape[0], b.shape[0])} for '{ident}'.")
     emb = parts["embedding"]
-    if emb.dim() != 2 or emb.shape[0] < 1 or emb.dtype not in FLOAT_DTYPES or not bool(torch.isfinite(emb).all()):
+    if emb.dim() != 2 or emb.shape[0] < 1 or emb.dtype not in FLOAT_DTYPES or not finite(f"concept.{ident}.embedding", emb):
         raise BankError(f"{name}: concept '{ident}' has a malformed token embedding.")
-    stats = _stats(ident, parts, B, name)
-    concept = Concept(
-        id=ident, token=entry.get("token") or f"<{ident}>", init_word=entry.get("init_word") or "",
-        rank=rank, method=method, A={k: v.float() for k, v in A.items()}, B={k: v.float() for k, v in B.items()},
-        embedding=emb.float(), created=entry.get("created") or "", settings=settings,
-        final_loss=loss, stats=stats, author=entry.get("author"), lease=lease)
+    stats = _stats(ident, parts, B, name, finite)
+    init_word = entry.get("init_word") or ""
+    A, B, emb = {k: v.float() for k, v in A.items()}, {k: v.float() for k, v in B.items()}, emb.float()
+    digest = content_hash(rank, method, init_word, settings, A, B, emb)  # = Concept.content_hash
     recorded = entry.get("hash")
-    if version != "1" and recorded is not None and recorded != concept.hash:
+    if version != "1" and recorded is not None and recorded != digest:
         raise BankError(f"{name}: concept '{ident}' does not match its recorded content hash "
                         "(its tensors or settings were altered).")
-    return concept
+    return dict(id=ident, token=entry.get("token") or f"<{ident}>", init_word=init_word, rank=rank,
+                method=method, A=A, B=B, embedding=emb, created=entry.get("created") or "",
+                settings=settings, final_loss=loss, stats=stats, author=entry.get("author"), lease=lease,
+                hash=digest)
 
 
-def _stats(ident: str, parts: dict, B: dict, name: str):
+def _stats(ident: str, parts: dict, B: dict, name: str, finite: _Finiteness):
     values, vectors = parts["stats.values"], parts["stats.vectors"]
     if not values and not vectors:
         return None
@@ -137,15 +155,16 @@ def _stats(ident: str, parts: dict, B: dict, name: str):
         if v.dim() != 1 or u.dim() != 2 or u.shape != (B[layer].shape[0], v.shape[0]) or v.shape[0] < 1:
             raise BankError(f"{name}: concept '{ident}' layer {_show(layer)} has activation statistics of "
                             f"shape {tuple(v.shape)} and {tuple(u.shape)}.")
-        _check_matrix(v, f"concept '{ident}' statistics", name)
-        _check_matrix(u, f"concept '{ident}' statistics", name)
+        what = lambda: f"concept '{ident}' statistics"  # noqa: E731
+        _check_matrix(v, f"concept.{ident}.stats.values.{layer}", finite, name, what)
+        _check_matrix(u, f"concept.{ident}.stats.vectors.{layer}", finite, name, what)
         if bool((v < 0).any()):
             raise BankError(f"{name}: concept '{ident}' has negative second-moment eigenvalues.")
         out[layer] = (v.float(), u.float())
     return out
 
 
-def _leases(entries, blocks: dict, shapes: dict, name: str) -> list[Lease]:
+def _leases(entries, blocks: dict, shapes: dict, name: str, finite: _Finiteness) -> list[Lease]:
     if not isinstance(entries, list):
         raise BankError(f"{name} has malformed 'leases' metadata.")
     leases, seen, lease_widths = [], set(), {}
@@ -169,7 +188,7 @@ def _leases(entries, blocks: dict, shapes: dict, name: str) -> list[Lease]:
             m = shapes[layer][1] if layer in shapes else lease_widths.setdefault(layer, u.shape[0] if u.dim() else -1)
             if u.dim() != 2 or u.shape[1] != n * r or u.shape[0] != m or u.shape[1] > u.shape[0]:
                 raise BankError(f"{name}: lease '{ident}' layer {_show(layer)} has a block of shape {tuple(u.shape)}.")
-            _check_matrix(u, f"lease '{ident}' layer {_show(layer)}", name)
+            _check_matrix(u, f"lease.{ident}.U.{layer}", finite, name, lambda: f"lease '{ident}' layer {_show(layer)}")
             u64 = u.to(torch.float64)
             if float((u64.T @ u64 - torch.eye(u.shape[1], dtype=torch.float64)).abs().max()) > ORTHOGONALITY_TOLERANCE:
                 raise BankError(f"{name}: lease '{ident}' layer {_show(layer)} has a block without orthonormal columns.")
@@ -181,13 +200,30 @@ def _leases(entries, blocks: dict, shapes: dict, name: str) -> list[Lease]:
     return leases
 
 
-def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank") -> Bank:
+def check_header(meta: dict, name: str = "bank") -> None:
+    """The header's ``format`` and ``format_version``: checked from the metadata alone (safetensors
+    reads only the header for it), so a file that is no bank — a multi-GB checkpoint in the bank
+    folder — is refused before a single tensor is read."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise BankError(f"{name} is not a SeqLoRA bank (format is {_show(meta.get('format'), 40)!r}).")
+        shown = meta.get("format") if isinstance(meta, dict) else None
+        raise BankError(f"{name} is not a SeqLoRA bank (format is {_show(shown, 40)!r}).")
     version = meta.get("format_version")
     if version not in READABLE_VERSIONS:
         raise BankError(f"{name} has bank format version {_show(version, 20)!r}; this SeqLoRA reads "
                         f"versions {', '.join(READABLE_VERSIONS)}.")
+
+
+def read_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
+               nonfinite: set[str] | None = None) -> dict:
+    """The validated fields of a ``Bank`` (its concepts as ``Concept`` fields) from a file's
+    metadata and tensors; ``bank.format.bank_from_parts`` builds the Bank and then calls
+    :func:`check_geometry`. Plain fields rather than a Bank because ``bank.format`` is the floor
+    above: ``Bank.save`` reads back what it writes with this reader. ``nonfinite``: the keys of
+    tensors holding NaN or ±inf when the caller already knows them
+    (``tensor_file.read_tensor_file``); None checks every tensor here."""
+    finite = _Finiteness(nonfinite)
+    check_header(meta, name)
+    version = meta.get("format_version")
     entries = _json(meta, "concepts", name)
     base = _json(meta, "base", name)
     try:
@@ -203,34 +239,33 @@ def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank") 
         raise BankError(f"{name} is a version 1 bank but holds lease blocks.")
     concepts, shapes, seen = [], {}, set()
     for entry in entries:
-        concept = _concept(entry, parts, shapes, name, version)
-        if concept.id in seen:
-            raise BankError(f"{name} lists concept '{concept.id}' twice.")
-        seen.add(concept.id)
-        if version == "1" and concept.stats is not None:
+        concept = _concept(entry, parts, shapes, name, version, finite)
+        if concept["id"] in seen:
+            raise BankError(f"{name} lists concept '{concept['id']}' twice.")
+        seen.add(concept["id"])
+        if version == "1" and concept["stats"] is not None:
             raise BankError(f"{name} is a version 1 bank but holds activation statistics.")
         concepts.append(concept)
     stray = set(parts) - seen
     if stray:
         raise BankError(f"{name} holds tensors of no listed concept (e.g. concept {_show(sorted(stray)[0], 60)}).")
-    widths = {c.embedding.shape[1] for c in concepts}
+    widths = {c["embedding"].shape[1] for c in concepts}
     if len(widths) > 1:
         raise BankError(f"{name} mixes token embeddings of widths {sorted(widths)}.")
-    leases = _leases(_json(meta, "leases", name, default=[]), blocks, shapes, name)
+    leases = _leases(_json(meta, "leases", name, default=[]), blocks, shapes, name, finite)
     history = _json(meta, "history", name, default=[])
     if not valid_history(history):
         raise BankError(f"{name} has malformed 'history' metadata.")
     confined = meta.get("lease") or None
     if confined is not None and not any(l.id == confined and l.active for l in leases):
         raise BankError(f"{name} is a lease file of lease {_show(confined, 60)!r}, which it does not hold.")
-    bank = Bank(base, eps, concepts, leases, confined, history)
-    _check_geometry(bank, name)
-    return bank
+    return dict(base=base, eps=eps, concepts=concepts, leases=leases, confined_to=confined, history=history)
 
 
-def _check_geometry(bank: Bank, name: str) -> None:
+def check_geometry(bank, name: str) -> None:
     """No two constrained bases (or a basis and an outstanding lease) overlap; a lease file's
-    concepts lie inside its lease."""
+    concepts lie inside its lease. ``bank``: a built ``bank.format.Bank`` (its methods are used;
+    the class is not imported, see :func:`read_parts`)."""
     if bank.probably_orthogonal():  # the fast sufficient probe; the exact Gram decides otherwise
         labels, worst = [], torch.zeros(0)
     else:
@@ -252,7 +287,7 @@ def _check_geometry(bank: Bank, name: str) -> None:
                 raise BankError(f"{name}: concept '{c.id}' leaves its lease on layer {_show(layer)}.")
 
 
-def _worst_layer(bank: Bank, first: str, second: str) -> str:
+def _worst_layer(bank, first: str, second: str) -> str:
     """The layer on which two owners (concept ids or ``lease <id>`` labels) overlap most."""
     def blocks(label: str) -> dict[str, Tensor]:
         if label.startswith("lease "):

@@ -19,20 +19,12 @@ rank-Σr factors); trainable ones are moved differentiably when, rarely, they ar
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-Factors = tuple[Tensor, Tensor]  # (A: n × r, B: m × r)
-
-
-def compose_factors(parts: Iterable[tuple[float, Tensor, Tensor]]) -> Factors:
-    """Stack (scale, A, B) triples into one pair with A_cat B_catᵀ = Σ scale·A Bᵀ."""
-    parts = list(parts)
-    a_cat = torch.cat([s * a for s, a, _ in parts], dim=1)  # (n, Σr)
-    b_cat = torch.cat([b for _, _, b in parts], dim=1)  # (m, Σr)
-    return a_cat, b_cat
+from ..linalg.factors import Factors, compose_factors  # noqa: F401 (imported from here too)
 
 
 def lora_delta(x: Tensor, a: Tensor, b: Tensor) -> Tensor:

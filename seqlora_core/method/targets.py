@@ -20,12 +20,7 @@ from torch import nn
 
 from ..errors import InputError
 
-TEXT_ATTENTION = r"^text_encoder\..*self_attn\.(q|k|v|out)_proj$"
-PRESETS: dict[str, list[str]] = {
-    "default": [r"^unet\..*attn2\.to_[kv]$", TEXT_ATTENTION],
-    "unet-cross": [r"^unet\..*attn2\.to_[kv]$"],
-    "full": [r"^unet\..*attn[12]\.(to_q|to_k|to_v|to_out\.0)$", TEXT_ATTENTION],
-}
+from ..settings import PRESETS, TEXT_ATTENTION  # noqa: F401 (defined there: bank.fingerprint reads them too)
 
 
 def patterns_for(spec: str) -> list[str]:
