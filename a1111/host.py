@@ -8,6 +8,9 @@ A host is cheap to build and holds the model it was built on: build one per trai
 preview from the *current* ``shared.sd_model`` (a checkpoint switch replaces it), never cache it.
 The model is A1111's live one, so everything done to it for training is undone afterwards
 (``training()``), and the text encoder only carries SeqLoRA's hooks while SeqLoRA encodes.
+
+The passes run the way A1111's own sampling runs the model: inside A1111's autocast (half
+precision is its default), the UNet through ``apply_model``.
 """
 from __future__ import annotations
 
@@ -53,7 +56,9 @@ class A1111Host:
         return self.tokens.init_embedding(word, self._table())
 
     def encode_text(self, prompts: list[str], embeddings: dict[str, Tensor]) -> Tensor:
-        return self.tokens.encode(self.text_encoder, prompts, embeddings, self.device)
+        """Inside A1111's autocast, as A1111 computes its conditioning (``get_conds_with_caching``)."""
+        with a1111_autocast():
+            return self.tokens.encode(self.text_encoder, prompts, embeddings, self.device)
 
     def base_layers(self) -> dict[str, object]:
         """The layers' base weights (without LoRAs A1111's Lora extension merged in): fingerprint these."""
@@ -74,8 +79,14 @@ class A1111Host:
         return self.sd_model.alphas_cumprod.detach().float().cpu()
 
     def predict_noise(self, noisy: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
-        return self.unet(noisy.to(self.device, self.dtype), timesteps.to(self.device),
-                         context=cond.to(self.device, self.dtype))
+        """The UNet called as A1111's samplers call it: ``sd_model.apply_model`` (A1111's patch of it
+        casts the inputs to the UNet's dtype; ldm's calls ``sd_model.model``, the module whose
+        forward pre-hook brings the UNet to the GPU under --medvram), inside A1111's autocast (in
+        half precision ldm's GroupNorm32 meets an fp32 input with fp16 weights, which only
+        autocast's fp32 group_norm accepts)."""
+        with a1111_autocast():
+            return self.sd_model.apply_model(noisy.to(self.device, self.dtype), timesteps.to(self.device),
+                                             cond.to(self.device, self.dtype))
 
     def frozen_weights(self) -> contextlib.AbstractContextManager:
         """Entered by the trainer: no weight gradients (and no saved inputs for them) in A1111's
@@ -95,7 +106,22 @@ class A1111Host:
         from seqlora_core.method.checkpointing import checkpoint_blocks
         return checkpoint_blocks(self.unet)
 
-    def differentiable_attention(self) -> contextlib.AbstractContextManager:
-        # A1111's SDP optimisation calls torch SDPA, which the math kernel makes twice
-        # differentiable; xformers has no double backward (use --opt-sdp-attention to train)
-        return math_attention()
+    @contextlib.contextmanager
+    def differentiable_attention(self):
+        """A1111's SDP optimisation calls torch SDPA, which the math kernel makes twice
+        differentiable; xformers has no double backward (use --opt-sdp-attention to train).
+
+        Inside A1111's autocast as well: memory=checkpoint's recomputations re-enter this context
+        (on autograd's thread, where the pass's autocast is not active) and must compute in the
+        dtypes the pass computed in."""
+        with a1111_autocast(), math_attention():
+            yield
+
+
+def a1111_autocast() -> contextlib.AbstractContextManager:
+    """A1111's autocast (``modules.devices.autocast()``: ``torch.autocast("cuda")`` in half precision,
+    a no-op with --no-half), the context its sampling runs the model in (processing.py
+    ``process_images_inner``; sd_hijack_unet.py ``apply_model``)."""
+    from modules import devices
+
+    return devices.autocast()

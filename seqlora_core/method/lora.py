@@ -19,6 +19,7 @@ rank-Σr factors); trainable ones are moved differentiably when, rarely, they ar
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -41,9 +42,25 @@ def lora_delta(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     The input is cast up, as peft does: in fp16 / bf16 the rank-r product of fp32 factors would
     otherwise lose the factors' precision (bf16 keeps 8 bits), and the gradients to A and B
     (fp32 leaves) are formed from fp32 products. The residual is added back in the model's dtype.
+    The same inside ``torch.autocast`` (A1111 runs the model in it), which would otherwise compute
+    these matmuls in fp16 / bf16.
     """
     wide = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for a fp64 model (exactness tests)
-    return ((x.to(wide) @ b.to(wide)) @ a.to(wide).T).to(x.dtype)
+    with _autocast_off(x.device.type):
+        return ((x.to(wide) @ b.to(wide)) @ a.to(wide).T).to(x.dtype)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for ``device_type`` when it is on there; nothing otherwise (no context to
+    enter on every hook call outside autocast, and none for devices torch cannot autocast)."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 (A1111 ships 2.1): one flag for CUDA, one for the CPU
+        on = torch.is_autocast_enabled() if device_type == "cuda" else (
+            device_type == "cpu" and torch.is_autocast_cpu_enabled())
+    except RuntimeError:  # a device type autocast does not know (meta)
+        on = False
+    return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
 
 
 class LoRAHooks:
