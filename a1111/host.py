@@ -10,7 +10,8 @@ The model is A1111's live one, so everything done to it for training is undone a
 (``training()``), and the text encoder only carries SeqLoRA's hooks while SeqLoRA encodes.
 
 The passes run the way A1111's own sampling runs the model: inside A1111's autocast (half
-precision is its default), the UNet through ``apply_model``.
+precision is its default), the UNet through ``apply_model``; the one pass differentiated twice runs
+on A1111's SDP attention whatever cross-attention optimisation is selected (``--xformers``).
 """
 from __future__ import annotations
 
@@ -108,13 +109,14 @@ class A1111Host:
 
     @contextlib.contextmanager
     def differentiable_attention(self):
-        """A1111's SDP optimisation calls torch SDPA, which the math kernel makes twice
-        differentiable; xformers has no double backward (use --opt-sdp-attention to train).
+        """A1111's SDP cross-attention (torch SDPA, on its math kernel) for the pass differentiated
+        twice, whatever optimisation A1111 applied: xformers has no double backward, and sdp-no-mem
+        re-enables the flash kernel inside its forward. The other passes keep the user's choice.
 
         Inside A1111's autocast as well: memory=checkpoint's recomputations re-enter this context
         (on autograd's thread, where the pass's autocast is not active) and must compute in the
         dtypes the pass computed in."""
-        with a1111_autocast(), math_attention():
+        with a1111_autocast(), sdp_cross_attention():
             yield
 
 
@@ -125,3 +127,21 @@ def a1111_autocast() -> contextlib.AbstractContextManager:
     from modules import devices
 
     return devices.autocast()
+
+
+@contextlib.contextmanager
+def sdp_cross_attention():
+    """ldm's CrossAttention on A1111's SDP forward (what its "sdp" optimisation assigns,
+    sd_hijack_optimizations.SdOptimizationSdp.apply) under torch's math kernel; the optimisation
+    selected before is put back after. The swap is seen by A1111 as a whole, which is safe: a
+    training holds A1111's queue lock, so no generation runs meanwhile."""
+    import ldm.modules.attention as attention
+    from modules import sd_hijack_optimizations
+
+    selected = attention.CrossAttention.forward
+    attention.CrossAttention.forward = sd_hijack_optimizations.scaled_dot_product_attention_forward
+    try:
+        with math_attention():
+            yield
+    finally:
+        attention.CrossAttention.forward = selected

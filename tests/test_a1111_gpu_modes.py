@@ -289,3 +289,35 @@ def test_the_lora_branch_stays_fp32_inside_an_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = lora_delta(x, a, b)
     assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+
+
+# --- (4) xformers: the twice-differentiated pass on A1111's SDP attention -----------------------
+
+def _second_order(module, x, context):
+    out = module(x, context=context)
+    grad, = torch.autograd.grad(out.pow(2).sum(), context, create_graph=True)
+    second, = torch.autograd.grad(grad.pow(2).sum(), context)
+    return second
+
+
+def test_xformers_attention_is_routed_through_a1111s_sdp_forward_for_the_double_backward(a1111):
+    ldm_forward = CrossAttention.forward
+    CrossAttention.forward = xformers_attention_forward  # as SdOptimizationXformers.apply does
+    attn = CrossAttention().requires_grad_(False)
+    x, context = torch.randn(1, 5, 8), torch.randn(1, 3, 6, requires_grad=True)
+    with pytest.raises(RuntimeError):  # what --xformers gives a double backward (torch: "not ... used in the graph")
+        _second_order(attn, x, context)
+    host = _host(FakeUNet(), torch.float32)
+    with host.differentiable_attention():
+        routed = _second_order(attn, x, context)
+    assert CrossAttention.forward is xformers_attention_forward  # the ordinary passes keep it
+    CrossAttention.forward = ldm_forward
+    assert torch.allclose(routed, _second_order(attn, x, context), atol=1e-6)  # the same attention
+
+
+def test_the_selected_optimisation_is_back_after_the_pass_even_when_it_fails(a1111):
+    CrossAttention.forward = xformers_attention_forward
+    host = _host(FakeUNet(), torch.float32)
+    with pytest.raises(ValueError), host.differentiable_attention():
+        raise ValueError("a pass that fails")
+    assert CrossAttention.forward is xformers_attention_forward
