@@ -9,9 +9,10 @@ preview from the *current* ``shared.sd_model`` (a checkpoint switch replaces it)
 The model is A1111's live one, so everything done to it for training is undone afterwards
 (``training()``), and the text encoder only carries SeqLoRA's hooks while SeqLoRA encodes.
 
-The passes run the way A1111's own sampling runs the model: inside A1111's autocast (half
-precision is its default), the UNet through ``apply_model``; the one pass differentiated twice runs
-on A1111's SDP attention whatever cross-attention optimisation is selected (``--xformers``).
+The passes run the way A1111's own sampling runs the model, so that every set-up A1111 generates
+with also trains: inside A1111's autocast (half precision, its default), on A1111's device through
+the modules its ``--medvram`` hooks watch, and — for the one pass differentiated twice — on A1111's
+SDP attention whatever cross-attention optimisation is selected (``--xformers``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from seqlora_core.errors import InputError
 from seqlora_core.hosts.protocol import frozen_parameters, math_attention
 from seqlora_core.hosts.naming import compvis_layers
 from seqlora_core.hosts.token_injection import TokenInjector
@@ -31,14 +33,14 @@ from .builtin_lora import base_weight_view, lora_extension_unloaded
 class A1111Host:
     def __init__(self, sd_model):
         if getattr(sd_model, "is_sdxl", False) or not hasattr(sd_model.cond_stage_model, "wrapped"):
-            from seqlora_core.errors import InputError
             raise InputError("SeqLoRA needs an SD-1.5 checkpoint loaded in A1111.")
         self.sd_model = sd_model
         self.unet = sd_model.model.diffusion_model
         wrapped = sd_model.cond_stage_model.wrapped
         self.text_encoder = wrapped.transformer
-        param = next(self.unet.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        # A1111's device, not the UNet's first weight's: under --medvram / --lowvram the weights wait
+        # on the CPU between uses and A1111's hooks bring them to this device when called
+        self.device, self.dtype = a1111_device(), next(self.unet.parameters()).dtype
         # our own tokenizer copy: A1111's prompt parsing keeps its tokenizer untouched
         self.tokens = TokenInjector(copy.deepcopy(wrapped.tokenizer), self.text_encoder.get_input_embeddings())
         self._layers = compvis_layers(self.unet, self.text_encoder)
@@ -98,7 +100,15 @@ class A1111Host:
     def training(self):
         """Entered by the tab around a training run on A1111's live model: every weight of it frozen
         (VAE included; flags restored after), LoRAs the Lora extension merged taken out (merged
-        again on its next generation), gradients on in this worker thread."""
+        again on its next generation), gradients on in this worker thread.
+
+        Refused under --lowvram, as A1111 refuses its own training there: its hooks move UNet blocks
+        on and off the GPU within a pass, which memory=checkpoint's recomputations cannot follow."""
+        from modules import shared
+
+        if getattr(shared.cmd_opts, "lowvram", False):
+            raise InputError("SeqLoRA cannot train under A1111's --lowvram (A1111's own training refuses it "
+                             "too); restart A1111 with --medvram instead.")
         with frozen_parameters(self.sd_model), lora_extension_unloaded(self._layers), torch.enable_grad():
             yield
 
@@ -118,6 +128,13 @@ class A1111Host:
         dtypes the pass computed in."""
         with a1111_autocast(), sdp_cross_attention():
             yield
+
+
+def a1111_device() -> torch.device:
+    """The device A1111 generates on (``modules.devices.device``)."""
+    from modules import devices
+
+    return devices.device
 
 
 def a1111_autocast() -> contextlib.AbstractContextManager:

@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 from a1111.host import A1111Host
+from seqlora_core.errors import InputError
 from seqlora_core.method.lora import LoRAHooks, lora_delta
 from seqlora_core.method.trainer import differentiable_context, twice_differentiable
 
@@ -321,3 +322,59 @@ def test_the_selected_optimisation_is_back_after_the_pass_even_when_it_fails(a11
     with pytest.raises(ValueError), host.differentiable_attention():
         raise ValueError("a pass that fails")
     assert CrossAttention.forward is xformers_attention_forward
+
+
+# --- (5) --medvram / --lowvram: A1111's device and its send_me_to_gpu hooks ---------------------
+
+def _medvram(sd_model, devices):
+    """modules/lowvram.py setup_for_low_vram(sd_model, use_medvram=True), the SD-1.5 parts: a
+    forward pre-hook on the text encoder and on ``sd_model.model`` (the DiffusionWrapper) moves
+    that module to ``devices.device`` and the one there before back to the CPU."""
+    state = {"in_gpu": None, "sent": []}
+    parents = {sd_model.cond_stage_model.transformer: sd_model.cond_stage_model}
+
+    def send_me_to_gpu(module, _):
+        module = parents.get(module, module)
+        if state["in_gpu"] is module:
+            return
+        if state["in_gpu"] is not None:
+            state["in_gpu"].to(torch.device("cpu"))
+        module.to(devices.device)
+        state["in_gpu"] = module
+        state["sent"].append(module)
+
+    sd_model.cond_stage_model.transformer.register_forward_pre_hook(send_me_to_gpu)
+    sd_model.model.register_forward_pre_hook(send_me_to_gpu)
+    return state
+
+
+def test_the_host_works_on_a1111s_device_not_on_its_first_weights(a1111):
+    """Under --medvram / --lowvram the UNet's weights wait on the CPU between uses; A1111's device
+    (``devices.device``, the GPU; ``meta`` stands in for it here) is where the passes run."""
+    a1111.devices.device = torch.device("meta")
+    unet, text_encoder = FakeUNet(), nn.Linear(6, 6)
+    wrapped = SimpleNamespace(tokenizer=object(), transformer=text_encoder)
+    text_encoder.get_input_embeddings = lambda: nn.Embedding(10, 6)
+    sd_model = LatentDiffusion(unet, text_encoder)
+    sd_model.cond_stage_model.wrapped = wrapped
+    host = A1111Host(sd_model)
+    assert next(unet.parameters()).device.type == "cpu" and host.device == torch.device("meta")
+
+
+def test_under_medvram_the_unet_pass_fires_a1111s_hook_and_runs_on_its_device(a1111):
+    a1111.devices.device = torch.device("meta")
+    unet = FakeUNet().requires_grad_(False)
+    host = _host(unet, torch.float32, device=torch.device("meta"), text_encoder=nn.Linear(6, 6))
+    state = _medvram(host.sd_model, a1111.devices)
+    noisy, t, cond = _inputs()
+    pred = host.predict_noise(noisy, t, cond)
+    assert state["sent"] == [host.sd_model.model]  # the UNet went to the GPU the way sampling sends it
+    assert pred.device.type == "meta" and next(unet.parameters()).device.type == "meta"
+
+
+def test_training_is_refused_under_lowvram_as_a1111s_own_training_refuses_it(a1111):
+    a1111.shared.cmd_opts.lowvram = True
+    host = _host(FakeUNet(), torch.float16)
+    with pytest.raises(InputError) as info, host.training():
+        pass
+    assert "--medvram" in str(info.value) and "\n" not in str(info.value)
