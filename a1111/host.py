@@ -8,6 +8,11 @@ A host is cheap to build and holds the model it was built on: build one per trai
 preview from the *current* ``shared.sd_model`` (a checkpoint switch replaces it), never cache it.
 The model is A1111's live one, so everything done to it for training is undone afterwards
 (``training()``), and the text encoder only carries SeqLoRA's hooks while SeqLoRA encodes.
+
+The passes run the way A1111's own sampling runs the model, so that every set-up A1111 generates
+with also trains: inside A1111's autocast (half precision, its default), on A1111's device through
+the modules its ``--medvram`` hooks watch, and — for the one pass differentiated twice — on A1111's
+SDP attention whatever cross-attention optimisation is selected (``--xformers``).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from seqlora_core.errors import InputError
 from seqlora_core.hosts.protocol import frozen_parameters, math_attention
 from seqlora_core.hosts.naming import compvis_layers
 from seqlora_core.hosts.token_injection import TokenInjector
@@ -27,14 +33,14 @@ from .builtin_lora import base_weight_view, lora_extension_unloaded
 class A1111Host:
     def __init__(self, sd_model):
         if getattr(sd_model, "is_sdxl", False) or not hasattr(sd_model.cond_stage_model, "wrapped"):
-            from seqlora_core.errors import InputError
             raise InputError("SeqLoRA needs an SD-1.5 checkpoint loaded in A1111.")
         self.sd_model = sd_model
         self.unet = sd_model.model.diffusion_model
         wrapped = sd_model.cond_stage_model.wrapped
         self.text_encoder = wrapped.transformer
-        param = next(self.unet.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        # A1111's device, not the UNet's first weight's: under --medvram / --lowvram the weights wait
+        # on the CPU between uses and A1111's hooks bring them to this device when called
+        self.device, self.dtype = a1111_device(), next(self.unet.parameters()).dtype
         # our own tokenizer copy: A1111's prompt parsing keeps its tokenizer untouched
         self.tokens = TokenInjector(copy.deepcopy(wrapped.tokenizer), self.text_encoder.get_input_embeddings())
         self._layers = compvis_layers(self.unet, self.text_encoder)
@@ -53,7 +59,9 @@ class A1111Host:
         return self.tokens.init_embedding(word, self._table())
 
     def encode_text(self, prompts: list[str], embeddings: dict[str, Tensor]) -> Tensor:
-        return self.tokens.encode(self.text_encoder, prompts, embeddings, self.device)
+        """Inside A1111's autocast, as A1111 computes its conditioning (``get_conds_with_caching``)."""
+        with a1111_autocast():
+            return self.tokens.encode(self.text_encoder, prompts, embeddings, self.device)
 
     def base_layers(self) -> dict[str, object]:
         """The layers' base weights (without LoRAs A1111's Lora extension merged in): fingerprint these."""
@@ -74,8 +82,14 @@ class A1111Host:
         return self.sd_model.alphas_cumprod.detach().float().cpu()
 
     def predict_noise(self, noisy: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
-        return self.unet(noisy.to(self.device, self.dtype), timesteps.to(self.device),
-                         context=cond.to(self.device, self.dtype))
+        """The UNet called as A1111's samplers call it: ``sd_model.apply_model`` (A1111's patch of it
+        casts the inputs to the UNet's dtype; ldm's calls ``sd_model.model``, the module whose
+        forward pre-hook brings the UNet to the GPU under --medvram), inside A1111's autocast (in
+        half precision ldm's GroupNorm32 meets an fp32 input with fp16 weights, which only
+        autocast's fp32 group_norm accepts)."""
+        with a1111_autocast():
+            return self.sd_model.apply_model(noisy.to(self.device, self.dtype), timesteps.to(self.device),
+                                             cond.to(self.device, self.dtype))
 
     def frozen_weights(self) -> contextlib.AbstractContextManager:
         """Entered by the trainer: no weight gradients (and no saved inputs for them) in A1111's
@@ -86,7 +100,15 @@ class A1111Host:
     def training(self):
         """Entered by the tab around a training run on A1111's live model: every weight of it frozen
         (VAE included; flags restored after), LoRAs the Lora extension merged taken out (merged
-        again on its next generation), gradients on in this worker thread."""
+        again on its next generation), gradients on in this worker thread.
+
+        Refused under --lowvram, as A1111 refuses its own training there: its hooks move UNet blocks
+        on and off the GPU within a pass, which memory=checkpoint's recomputations cannot follow."""
+        from modules import shared
+
+        if getattr(shared.cmd_opts, "lowvram", False):
+            raise InputError("SeqLoRA cannot train under A1111's --lowvram (A1111's own training refuses it "
+                             "too); restart A1111 with --medvram instead.")
         with frozen_parameters(self.sd_model), lora_extension_unloaded(self._layers), torch.enable_grad():
             yield
 
@@ -95,7 +117,48 @@ class A1111Host:
         from seqlora_core.method.checkpointing import checkpoint_blocks
         return checkpoint_blocks(self.unet)
 
-    def differentiable_attention(self) -> contextlib.AbstractContextManager:
-        # A1111's SDP optimisation calls torch SDPA, which the math kernel makes twice
-        # differentiable; xformers has no double backward (use --opt-sdp-attention to train)
-        return math_attention()
+    @contextlib.contextmanager
+    def differentiable_attention(self):
+        """A1111's SDP cross-attention (torch SDPA, on its math kernel) for the pass differentiated
+        twice, whatever optimisation A1111 applied: xformers has no double backward, and sdp-no-mem
+        re-enables the flash kernel inside its forward. The other passes keep the user's choice.
+
+        Inside A1111's autocast as well: memory=checkpoint's recomputations re-enter this context
+        (on autograd's thread, where the pass's autocast is not active) and must compute in the
+        dtypes the pass computed in."""
+        with a1111_autocast(), sdp_cross_attention():
+            yield
+
+
+def a1111_device() -> torch.device:
+    """The device A1111 generates on (``modules.devices.device``)."""
+    from modules import devices
+
+    return devices.device
+
+
+def a1111_autocast() -> contextlib.AbstractContextManager:
+    """A1111's autocast (``modules.devices.autocast()``: ``torch.autocast("cuda")`` in half precision,
+    a no-op with --no-half), the context its sampling runs the model in (processing.py
+    ``process_images_inner``; sd_hijack_unet.py ``apply_model``)."""
+    from modules import devices
+
+    return devices.autocast()
+
+
+@contextlib.contextmanager
+def sdp_cross_attention():
+    """ldm's CrossAttention on A1111's SDP forward (what its "sdp" optimisation assigns,
+    sd_hijack_optimizations.SdOptimizationSdp.apply) under torch's math kernel; the optimisation
+    selected before is put back after. The swap is seen by A1111 as a whole, which is safe: a
+    training holds A1111's queue lock, so no generation runs meanwhile."""
+    import ldm.modules.attention as attention
+    from modules import sd_hijack_optimizations
+
+    selected = attention.CrossAttention.forward
+    attention.CrossAttention.forward = sd_hijack_optimizations.scaled_dot_product_attention_forward
+    try:
+        with math_attention():
+            yield
+    finally:
+        attention.CrossAttention.forward = selected

@@ -139,7 +139,12 @@ def test_images_are_encoded_to_the_mean_in_the_vaes_dtype():
     assert torch.allclose(latents, 0.18215 * pixels[:, :1])
 
 
-def test_training_freezes_the_live_model_and_puts_it_back():
+def test_training_freezes_the_live_model_and_puts_it_back(monkeypatch):
+    shared = types.ModuleType("modules.shared")
+    shared.cmd_opts = SimpleNamespace(lowvram=False)  # training() refuses --lowvram (test_a1111_gpu_modes)
+    monkeypatch.setitem(sys.modules, "modules", types.ModuleType("modules"))
+    monkeypatch.setattr(sys.modules["modules"], "shared", shared, raising=False)
+    monkeypatch.setitem(sys.modules, "modules.shared", shared)
     trainable, frozen = nn.Linear(2, 2), nn.Linear(2, 2).requires_grad_(False)
     host = _fake_host(_VAE(torch.float32), [trainable, frozen])
     before = [p.requires_grad for p in host.sd_model.parameters()]

@@ -19,6 +19,7 @@ rank-Σr factors); trainable ones are moved differentiably when, rarely, they ar
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
@@ -33,9 +34,25 @@ def lora_delta(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     The input is cast up, as peft does: in fp16 / bf16 the rank-r product of fp32 factors would
     otherwise lose the factors' precision (bf16 keeps 8 bits), and the gradients to A and B
     (fp32 leaves) are formed from fp32 products. The residual is added back in the model's dtype.
+    The same inside ``torch.autocast`` (A1111 runs the model in it), which would otherwise compute
+    these matmuls in fp16 / bf16.
     """
     wide = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for a fp64 model (exactness tests)
-    return ((x.to(wide) @ b.to(wide)) @ a.to(wide).T).to(x.dtype)
+    with _autocast_off(x.device.type):
+        return ((x.to(wide) @ b.to(wide)) @ a.to(wide).T).to(x.dtype)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for ``device_type`` when it is on there; nothing otherwise (no context to
+    enter on every hook call outside autocast, and none for devices torch cannot autocast)."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 (A1111 ships 2.1): one flag for CUDA, one for the CPU
+        on = torch.is_autocast_enabled() if device_type == "cuda" else (
+            device_type == "cpu" and torch.is_autocast_cpu_enabled())
+    except RuntimeError:  # a device type autocast does not know (meta)
+        on = False
+    return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
 
 
 class LoRAHooks:
@@ -54,11 +71,11 @@ class LoRAHooks:
             x = inputs[0]
             composed = self._composed_for(name, x.device)
             if composed is not None:
-                output = output + lora_delta(x, *composed)
+                output = output + lora_delta(x, *composed).to(output.dtype)  # autocast: x may be wider
             trainable = self.trainable.get(name)
             if trainable is not None:
                 a, b = (t if t.device == x.device else t.to(x.device) for t in trainable)
-                output = output + lora_delta(x, a, b)
+                output = output + lora_delta(x, a, b).to(output.dtype)
             return output
         return hook
 
