@@ -39,7 +39,7 @@ rm -rf "$OUT"; mkdir -p "$OUT"
 start=$(date +%s)
 # after every step the JSON so far is written, so a run cut short by the device's time limit
 # still brings back what it measured
-report() { report "$@"; }
+report() { "$PY" bench/gpu_check_report.py "$OUT" "$FINAL" --seconds $(( $(date +%s) - start )) "$@"; }
 step() { echo "== $* ($(( $(date +%s) - start )) s)"; "$PY" "$@"; report --quiet || true; }
 
 for dtype in fp16 bf16; do
