@@ -70,15 +70,20 @@ def frozen_parameters(*modules: nn.Module):
             p.requires_grad_(True)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast would give SDPA on ``device_type`` now (None when autocast is off)."""
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype torch.autocast computes in on ``device_type`` now; None when autocast is off
+    there or the device type has no autocast (meta). One answer for the LoRA product (which turns
+    autocast off around itself) and for the math attention (which casts as autocast would)."""
     try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4: CUDA-only query
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except (TypeError, AttributeError):  # torch < 2.4 (A1111 ships 2.1): one flag for CUDA, one for the CPU
         if device_type == "cuda" and torch.is_autocast_enabled():
             return torch.get_autocast_gpu_dtype()
-    return None
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        return None
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return None
 
 
 class MathAttention(TorchFunctionMode):
@@ -104,7 +109,7 @@ class MathAttention(TorchFunctionMode):
         bound = dict(zip(names, args), **kwargs)
         query, key, value = bound["query"], bound["key"], bound["value"]
         mask = bound.get("attn_mask")
-        dtype = _autocast_dtype(query.device.type)
+        dtype = autocast_dtype(query.device.type)
         if dtype is not None:  # autocast casts SDPA's floating inputs; the math op is not on its list
             query, key, value = (t.to(dtype) if t.is_floating_point() else t for t in (query, key, value))
             mask = mask.to(dtype) if mask is not None and mask.is_floating_point() else mask

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from ..hosts.protocol import autocast_dtype
 from ..linalg.factors import Factors, compose_factors  # noqa: F401 (imported from here too)
 
 
@@ -45,14 +46,7 @@ def lora_delta(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast disabled for ``device_type`` when it is on there; nothing otherwise (no context to
     enter on every hook call outside autocast, and none for devices torch cannot autocast)."""
-    try:
-        on = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 (A1111 ships 2.1): one flag for CUDA, one for the CPU
-        on = torch.is_autocast_enabled() if device_type == "cuda" else (
-            device_type == "cpu" and torch.is_autocast_cpu_enabled())
-    except RuntimeError:  # a device type autocast does not know (meta)
-        on = False
-    return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False) if autocast_dtype(device_type) else contextlib.nullcontext()
 
 
 class LoRAHooks:
