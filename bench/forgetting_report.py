@@ -226,9 +226,19 @@ def quality_table(result: dict) -> list[str]:
 
 def update_results_md(result: dict, path: Path, json_name: str, section: str = "forgetting") -> None:
     """Replace the table between the section's markers (append it when there is none)."""
+    _replace_marked(path, section, markdown(result, json_name, section))
+
+
+def replace_section(path: Path, section: str, body: str) -> None:
+    """Put ``body`` between the section's markers in ``path`` (appended when there are none)."""
+    begin, end = markers(section)
+    _replace_marked(path, section, f"{begin}\n{body}\n{end}")
+
+
+def _replace_marked(path: Path, section: str, table: str) -> None:
+    """``table`` (its markers included) in place of the marked section, or appended."""
     text = path.read_text() if path.exists() else ""
     begin, end = markers(section)
-    table = markdown(result, json_name, section)
     if begin in text and end in text:
         text = text[:text.index(begin)] + table + text[text.index(end) + len(end):]
     else:

@@ -396,9 +396,12 @@ class Bank:
             raise InputError(f"The bank's concept '{clash.id}' already uses the token {clash.token}; choose another token.")
         return ident
 
-    def with_concept(self, concept: Concept, author: str | None = None) -> "Bank":
+    def with_concept(self, concept: Concept, author: str | None = None, **record) -> "Bank":
+        """The bank with ``concept`` appended; ``record``: more fields of the history entry (an
+        imported concept's source file and its sha256)."""
         self.check_new_token(concept.id)
-        entry = history_entry("append", [(concept.id, concept.hash)], author or concept.author, lease=concept.lease)
+        entry = history_entry("append", [(concept.id, concept.hash)], author or concept.author, lease=concept.lease,
+                              **record)
         return self._with(concepts=self.concepts + [concept], history=self.history + [entry])
 
     def without(self, ident: str, author: str | None = None) -> "Bank":

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BankError
-from ..settings import METHODS
+from ..settings import BANK_METHODS
 from .lease import LEASE_ID_PATTERN, Lease
 from .provenance import content_hash, valid_history
 from .spec import DEFAULT_EPS, FORMAT, ID_PATTERN, ORTHOGONALITY_TOLERANCE, READABLE_VERSIONS
@@ -97,7 +97,7 @@ def _concept(entry, all_parts: dict, shapes: dict, name: str, version: str, fini
         raise BankError(f"{name} has an invalid concept id {_show(ident, 60)!r}.")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise BankError(f"{name}: concept '{ident}' has an invalid rank.")
-    if method not in METHODS:
+    if method not in BANK_METHODS:
         raise BankError(f"{name}: concept '{ident}' has unknown method {_show(method, 40)!r}.")
     for key in ("token", "init_word", "created", "author", "lease", "hash"):
         if not _opt_str(entry.get(key)):

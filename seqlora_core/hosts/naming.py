@@ -68,3 +68,25 @@ def compvis_layers(unet: nn.Module, text_encoder: nn.Module | None = None) -> di
             if isinstance(module, nn.Linear) and (name := text_canonical(path)):
                 out[name] = module
     return out
+
+
+def lora_paths(canonical: str) -> list[tuple[str, str]]:
+    """The (side, path with '_' for '.') under which LoRA files name a canonical layer
+    (``bank.lora_file`` brings every layout to that form): kohya's and diffusers' keys use the
+    diffusers path (``lora_unet_down_blocks_0_…``), some older trainers the CompVis one
+    (``lora_unet_input_blocks_1_1_…``); the text encoder is ``te`` with transformers' path."""
+    if canonical.startswith("unet."):
+        out = [("unet", canonical[len("unet."):].replace(".", "_"))]
+        try:
+            out.append(("unet", unet_canonical_to_compvis(canonical).replace(".", "_")))
+        except KeyError:
+            pass
+        return out
+    if canonical.startswith("text_encoder."):
+        return [("te", canonical[len("text_encoder."):].replace(".", "_"))]
+    return []
+
+
+# Layers whose input is the text conditioning itself: the text encoder's, and the UNet's
+# cross-attention keys and values. Their input statistics can be had from prompts alone.
+TEXT_INPUT_LAYERS = re.compile(r"^text_encoder\.|^unet\..*attn2\.to_[kv]$")

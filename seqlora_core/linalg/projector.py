@@ -75,6 +75,14 @@ class NullSpaceProjector:
         q, _ = torch.linalg.qr(q)
         return q.to(torch.float32)
 
+    def extended(self, block: Tensor) -> "NullSpaceProjector":
+        """A projector whose free space also excludes ``block`` (m × k); this one is unchanged."""
+        out = NullSpaceProjector(self.in_features, [] if self._basis is None else [self._basis], self.eps,
+                                 within=self._within)
+        if block.shape[1]:
+            out.append(block)
+        return out
+
 
 def normalised_overlap(b_j: Tensor, b_i: Tensor) -> float:
     """‖B_jᵀB_i‖_F / (‖B_j‖_F ‖B_i‖_F): 0 for orthogonal bases, scale-free."""
