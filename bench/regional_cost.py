@@ -1,10 +1,12 @@
 """Cost of regional composition per sampling step, against plain composition, side by side.
 
-One sampling step = one UNet call on the classifier-free-guidance batch (2 rows), with a bank's
-concepts composed. Plain composition, then 2 and 4 regions (boxes tiling the image), on the
-full-size SD-1.5 architecture with random weights; one run, interleaved repeats, median times.
-Regional attention adds cross-attention work only (one extra K/V projection and attention per
-region per cross-attention layer), never a UNet pass per region.
+One sampling step = one UNet call on the classifier-free-guidance batch (2 rows), with a bank of
+four concepts (default targets) composed. Plain composition, then 2 and 4 regions (boxes tiling
+the image, one concept named per box) with global and with confined residuals, on the full-size
+SD-1.5 architecture with random weights; one run, interleaved repeats, median times. Regional
+attention adds cross-attention work only (one extra K/V projection and attention per region per
+cross-attention layer), never a UNet pass per region; confinement adds one text-encoder pass per
+region (its own concepts), once per picture, and regional attention on the unconditional row.
 
     python bench/regional_cost.py                  # CPU, 256 px (32×32 latent)
     python bench/regional_cost.py --device cuda    # GPU, 512 px
@@ -25,11 +27,34 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def _bank(host, concepts: int):
+    """``concepts`` concepts with random factors on the default targets (no training needed)."""
+    import torch
+
+    from seqlora_core.bank.format import Concept
+    from seqlora_core.method.targets import select_layers
+    from seqlora_core.method.trainer import new_bank
+
+    bank = new_bank(host)
+    gen = torch.Generator().manual_seed(1)
+    d = host.init_embedding("cat").shape[1]
+    for i in range(concepts):
+        a, b = {}, {}
+        for name, layer in select_layers(host.linear_layers(), "default").items():
+            b[name] = bank.projector(name, layer.in_features).random_orthonormal(4, gen)
+            a[name] = 0.01 * torch.randn(layer.out_features, 4, generator=gen)
+        bank = bank.with_concept(Concept(f"c{i}", f"<c{i}>", "cat", 4, "seqlora", a, b, torch.randn(1, d, generator=gen)))
+    return bank
+
+
 def main() -> None:
+    import contextlib
+
     import torch
 
     from seqlora_core.hosts.diffusers_host import DiffusersHost
-    from seqlora_core.sampling.regions import Region, RegionalState, region_masks, regional_unet
+    from seqlora_core.sampling.generate import _compose
+    from seqlora_core.sampling.regions import Region
 
     p = argparse.ArgumentParser()
     p.add_argument("--base", default="sd15-random")
@@ -41,50 +66,56 @@ def main() -> None:
     res = args.resolution or (512 if args.device == "cuda" else 256)
     torch.manual_seed(0)
     host = DiffusersHost.load(args.base, args.device)
-    d = host.text_encoder.config.hidden_size
+    bank = _bank(host, 4)
     g = torch.Generator().manual_seed(0)
     latent = torch.randn(2, 4, res // 8, res // 8, generator=g).to(host.device, host.dtype)
-    cond = torch.randn(2, 77, d, generator=g).to(host.device, host.dtype)
     t = torch.tensor([500, 500], device=host.device)
 
-    def tiling(n):
+    def tiling(n):  # one concept per box, as a user composes them
         w = res / n
-        return [Region(f"r{i}", box=(i * w, 0, (i + 1) * w, res)) for i in range(n)]
+        return [Region(f"a photo of <c{i}>", box=(i * w, 0, (i + 1) * w, res)) for i in range(n)]
 
-    configs = {"plain": None, "2 regions": tiling(2), "4 regions": tiling(4)}
+    configs = {"plain": ((), "global"), "2 regions": (tiling(2), "global"), "2 confined": (tiling(2), "confined"),
+               "4 regions": (tiling(4), "global"), "4 confined": (tiling(4), "confined")}
     times = {k: [] for k in configs}
+    encode = {k: [] for k in configs}
 
-    def step(regions):
-        if regions is None:
-            with torch.no_grad():
-                host.predict_noise(latent, t, cond)
-            return
-        state = RegionalState(region_masks(regions, res, res), torch.randn(len(regions), 77, d, generator=g).to(host.device, host.dtype),
-                              rows=torch.tensor([False, True]), latent_hw=(res // 8, res // 8))
-        with torch.no_grad(), regional_unet(host.unet, state):
-            host.predict_noise(latent, t, cond)
+    def sync():
+        if host.device.type == "cuda":
+            torch.cuda.synchronize()
 
-    for regions in configs.values():  # warm-up
-        step(regions)
-    for _ in range(args.repeats):
-        for name, regions in configs.items():
-            if host.device.type == "cuda":
-                torch.cuda.synchronize()
+    def step(name):
+        regions, mode = configs[name]
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            sync()
             start = time.perf_counter()
-            step(regions)
-            if host.device.type == "cuda":
-                torch.cuda.synchronize()
+            cond = _compose(stack, host, bank, "a scene", None, None, "", regions, mode, res)  # prompts encoded
+            sync()
+            encode[name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            host.predict_noise(latent, t, cond)
+            sync()
             times[name].append(time.perf_counter() - start)
+
+    for name in configs:  # warm-up
+        step(name)
+    times = {k: [] for k in configs}
+    encode = {k: [] for k in configs}
+    for _ in range(args.repeats):
+        for name in configs:
+            step(name)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_encode = {k: statistics.median(v) for k, v in encode.items()}
     for k in configs:
-        print(f"{k:<10} {med[k]:7.3f} s/step   overhead x{med[k] / med['plain']:.3f}   ({', '.join(f'{x:.3f}' for x in times[k])})")
+        print(f"{k:<11} {med[k]:7.3f} s/step   overhead x{med[k] / med['plain']:.3f}   prompts encoded in "
+              f"{med_encode[k] * 1000:6.1f} ms once per picture   ({', '.join(f'{x:.3f}' for x in times[k])})")
     result = {"benchmark": "regional_cost", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "device": str(host.device),
                           "device_name": torch.cuda.get_device_name() if host.device.type == "cuda" else "cpu"},
               "settings": {"base": args.base, "resolution": res, "cfg_batch": 2, "repeats": args.repeats,
-                           "dtype": str(host.dtype), "torch": torch.__version__},
-              "seconds_per_step": times, "median": med,
+                           "dtype": str(host.dtype), "torch": torch.__version__, "concepts": 4, "targets": "default"},
+              "seconds_per_step": times, "median": med, "encode_seconds": encode, "median_encode": med_encode,
               "overhead": {k: med[k] / med["plain"] for k in configs}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

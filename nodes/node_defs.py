@@ -12,7 +12,7 @@ import inspect
 
 from comfy_api.latest import io
 
-from seqlora_core.settings import TRAINING_SETTINGS, Setting, train_settings
+from seqlora_core.settings import DEFAULT_RESIDUALS, RESIDUAL_MODES, TRAINING_SETTINGS, Setting, train_settings
 
 from . import operations, validation
 from .server_events import send
@@ -361,6 +361,53 @@ class ExportLoRA(io.ComfyNode):
         return io.NodeOutput(text, ui={"text": [text]})
 
 
+class ImportLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SeqLoRAImportLoRA", display_name="Import LoRA into Bank", category=CATEGORY,
+            description="Bring a LoRA you own (kohya, diffusers or peft file in models/loras) into a bank as a "
+                        "concept orthogonal to the bank's others, so that it composes without blending; the "
+                        "info output says how much of the LoRA the import had to give up.",
+            inputs=[io.Model.Input("model", tooltip="the SD-1.5 model the LoRA was made for (from Load Checkpoint)"),
+                    io.Clip.Input("clip", tooltip="its text encoder: the trigger words' features weight the fit"),
+                    io.Combo.Input("lora_name", options=operations.lora_files(),
+                                   tooltip="the LoRA file, from models/loras"),
+                    io.String.Input("token", default="<my-lora>",
+                                    tooltip="the concept's token in prompts, e.g. <hero> (letters, digits, _ or -)"),
+                    io.String.Input("trigger", default="",
+                                    tooltip="the LoRA's trigger words; empty: the file's most frequent caption tag"),
+                    io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                                   tooltip="folded into the concept (compose at 1.0 afterwards)"),
+                    io.Int.Input("rank", default=0, min=0, max=1024,
+                                 tooltip="the concept's rank; 0: the bank's (4 for a new bank). A LoRA of higher "
+                                         "rank is cut to it"),
+                    BasisBank.Input("bank", optional=True, tooltip="bank to extend; none starts a new one for this model"),
+                    io.Image.Input("images", optional=True,
+                                   tooltip="images of the concept (optional): every layer's fit weighted by them and "
+                                           "the token learned (100 steps)"),
+                    io.Vae.Input("vae", optional=True, tooltip="the VAE, needed only with images"),
+                    io.Boolean.Input("allow_other_base", default=False, optional=True,
+                                     tooltip="use a bank made for another base model anyway")],
+            outputs=[BasisBank.Output(display_name="bank", tooltip="the bank with the imported concept appended"),
+                     io.Model.Output(display_name="model", tooltip="the model with every concept of the bank applied"),
+                     io.Clip.Output(display_name="clip", tooltip="the text encoder with every concept token usable"),
+                     io.String.Output(display_name="info", tooltip="what the import cost, per layer and in all")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, token=None):
+        return validation.first_problem(validation.token_problem(token))
+
+    @classmethod
+    def execute(cls, model, clip, lora_name, token, trigger, strength, rank, bank=None, images=None, vae=None,
+                allow_other_base=False):
+        new_bank, new_model, new_clip, report = operations.import_lora_file(
+            model, clip, vae, lora_name, token, trigger, strength, rank, bank, images, allow_other_base)
+        text = report + "\n" + operations.info_text(new_bank)
+        return io.NodeOutput(new_bank, new_model, new_clip, text, ui=_bank_ui(new_bank, text))
+
+
 class RegionalConcepts(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -369,15 +416,24 @@ class RegionalConcepts(io.ComfyNode):
             description="Give regions of the image their own prompts (e.g. one concept per box): inside each "
                         "region the cross-attention reads that region's prompt, elsewhere the global one. "
                         "Chain ControlNet / T2I-Adapter (sketch, keypose) on the conditioning as usual.",
-            inputs=[io.Model.Input("model", tooltip="the composed model"),
-                    io.Clip.Input("clip", tooltip="the composed CLIP, so concept tokens work"),
+            inputs=[io.Model.Input("model", tooltip="the composed model; with a bank and residuals=confined, "
+                                                     "the model straight from the checkpoint loader"),
+                    io.Clip.Input("clip", tooltip="the composed CLIP, so concept tokens work (with a bank and "
+                                                  "residuals=confined: the checkpoint's CLIP)"),
                     io.String.Input("regions", multiline=True,
                                     default='{"width": 512, "height": 512, "regions": []}',
                                     tooltip="boxes and prompts; drawn with the box editor on the node"),
                     io.Mask.Input("mask_1", optional=True, tooltip="a region given as a mask instead of a box"),
                     io.String.Input("mask_1_prompt", default="", optional=True, tooltip="the prompt inside mask_1"),
                     io.Mask.Input("mask_2", optional=True, tooltip="a second region given as a mask"),
-                    io.String.Input("mask_2_prompt", default="", optional=True, tooltip="the prompt inside mask_2")],
+                    io.String.Input("mask_2_prompt", default="", optional=True, tooltip="the prompt inside mask_2"),
+                    BasisBank.Input("bank", optional=True,
+                                    tooltip="with residuals=confined: the bank whose concepts the region prompts "
+                                            "name; then connect model and clip straight from the checkpoint loader"),
+                    io.Combo.Input("residuals", options=list(RESIDUAL_MODES), default=DEFAULT_RESIDUALS, optional=True,
+                                   tooltip="confined (with a bank): each region's prompt and its keys and values "
+                                           "get only the concepts it names, so two characters do not blend; "
+                                           "global: the model's composed concepts act on every prompt")],
             outputs=[io.Model.Output(display_name="model", tooltip="the model with regional cross-attention")],
         )
 
@@ -386,7 +442,8 @@ class RegionalConcepts(io.ComfyNode):
         return validation.first_problem(validation.regions_problem(regions))
 
     @classmethod
-    def execute(cls, model, clip, regions, mask_1=None, mask_1_prompt="", mask_2=None, mask_2_prompt=""):
+    def execute(cls, model, clip, regions, mask_1=None, mask_1_prompt="", mask_2=None, mask_2_prompt="", bank=None,
+                residuals=DEFAULT_RESIDUALS):
         from seqlora_core.sampling.regions import Region
 
         from .regional import apply_regions, parse_regions_json
@@ -396,7 +453,9 @@ class RegionalConcepts(io.ComfyNode):
             if mask is not None and prompt.strip():
                 boxes.append(Region(prompt.strip(), mask=mask[0].float().cpu()))
         operations.check_model(model)
-        return io.NodeOutput(apply_regions(model, clip, boxes, width, height))
+        if bank is not None:
+            bank = operations.check_bank_for(bank, model)
+        return io.NodeOutput(apply_regions(model, clip, boxes, width, height, bank, residuals))
 
 
 class DrawKeypose(io.ComfyNode):
@@ -430,4 +489,4 @@ class DrawKeypose(io.ComfyNode):
 
 
 NODES = [TrainConcept, LoadImageFolder, LoadBasisBank, SaveBasisBank, BasisBankInfo, MergeBasisBanks, ComposeConcepts,
-         RemoveConcept, ExportLoRA, RegionalConcepts, DrawKeypose]
+         RemoveConcept, ExportLoRA, RegionalConcepts, DrawKeypose, ImportLoRA]

@@ -272,6 +272,43 @@ def export_lora_file(bank: Bank, selection: str, name: str, overwrite: bool = Fa
     return f"wrote loras/{out.name}; in prompts use {uses}"
 
 
+def lora_files() -> list[str]:
+    """The LoRA files ComfyUI lists in models/loras (the stock Load LoRA node's list)."""
+    import folder_paths
+
+    return [n for n in folder_paths.get_filename_list("loras") if n.lower().endswith(".safetensors")]
+
+
+def import_lora_file(model, clip, vae, lora_name: str, token: str, trigger: str, strength: float, rank: int,
+                     bank: Bank | None, images=None, allow_other_base: bool = False):
+    """The Import LoRA into Bank node: the core import (``seqlora_core.app.import_lora``) on the
+    loaded model; returns (bank, model and clip with every concept applied, report)."""
+    import folder_paths
+
+    from seqlora_core.app.import_lora import import_lora, report_lines
+    from seqlora_core.bank.lora_file import read_lora_file
+
+    from .comfy_host import ComfyHost
+
+    path = folder_paths.get_full_path("loras", lora_name)
+    if not path:
+        raise InputError(f"There is no LoRA {lora_name} in models/loras.")
+    lora = read_lora_file(path)  # refused here, before the model is loaded
+    check_model(model)
+    if bank is not None:
+        bank = check_bank_for(bank, model, allow_other_base)
+        bank.check_new_token(token)
+    if images is not None and vae is None:
+        raise InputError("Connect the VAE too: the images are encoded with it.")
+    host = ComfyHost(model, clip, vae)
+    pixels = None if images is None else images_to_pixels(images, 512)
+    with host.training():
+        result = import_lora(host, bank if bank is not None else new_bank(host), lora, token, trigger.strip() or None,
+                             strength, rank or None, None, pixels, allow_other_base=allow_other_base)
+    new_model, new_clip = compose(model, clip, result.bank, [c.id for c in result.bank.concepts], {})
+    return result.bank, new_model, new_clip, "\n".join(report_lines(result))
+
+
 # -- compose -------------------------------------------------------------------------------------
 def compose(model, clip, bank: Bank, ids: list[str], strengths: dict[str, float]):
     """MODEL and CLIP clones with Σ s_i A_i B_iᵀ patched in and the concept tokens usable."""

@@ -17,8 +17,12 @@ from typing import Any
 from .errors import InputError
 
 METHODS = ("seqlora", "alternating", "frozen-basis", "lora")
+# A concept brought in from a LoRA file (``app.import_lora``) rather than trained: its basis is
+# fitted inside the free space like a trained one's, so it is constrained too.
+IMPORTED = "imported"
+BANK_METHODS = METHODS + (IMPORTED,)  # what a bank file's concepts may record
 # Methods whose bases B stay orthogonal to earlier concepts' (``lora`` is the unconstrained baseline).
-CONSTRAINED_METHODS = ("seqlora", "alternating", "frozen-basis")
+CONSTRAINED_METHODS = ("seqlora", "alternating", "frozen-basis", IMPORTED)
 # The memory setting: "default" or a "+"-joined set of levers (method/trainer.py, memory_levers)
 MEMORY_LEVERS = ("low", "checkpoint", "slice")
 # Target presets (``method.targets`` explains them): regular expressions over canonical layer
@@ -30,6 +34,11 @@ PRESETS: dict[str, list[str]] = {
     "unet-cross": [r"^unet\..*attn2\.to_[kv]$"],
     "full": [r"^unet\..*attn[12]\.(to_q|to_k|to_v|to_out\.0)$", TEXT_ATTENTION],
 }
+# Regional composition (``sampling.confined``): each prompt with only the concepts it names
+# ("confined"), or every concept on every prompt ("global"). The default follows bench/RESULTS.md,
+# "Regional composition: confined against global residuals".
+RESIDUAL_MODES = ("global", "confined")
+DEFAULT_RESIDUALS = "confined"
 MEMORY_MODES = ("default", "low", "checkpoint", "slice", "low+checkpoint", "low+slice", "checkpoint+slice",
                 "low+checkpoint+slice")
 

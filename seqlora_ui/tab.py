@@ -337,6 +337,33 @@ class TabActions:
             msg = _error(exc)
         return (msg, *self.refresh())
 
+    def import_lora(self, upload, path_text, token, trigger, strength):
+        """Bring a LoRA file (uploaded or by path) into the open bank as an orthogonal concept
+        (``seqlora_core.app.import_lora``); the page shows what the import gave up."""
+        from seqlora_core.app.import_lora import import_lora, report_lines
+        from seqlora_core.bank.lora_file import read_lora_file
+        from seqlora_core.method.trainer import new_bank
+
+        session = self.session
+        try:
+            if upload is not None:
+                source = Path(_path(upload))
+            elif (path_text or "").strip():
+                source = session.user_path(path_text)
+            else:
+                raise InputError("Upload a LoRA file or give its path to import it.")
+            lora = read_lora_file(source)  # a file that is not a LoRA is refused before the model is used
+            with BankSession(session.bank_path, purpose="importing in the SeqLoRA tab") as locked, session.job():
+                host = session.host()
+                with getattr(host, "training", contextlib.nullcontext)():  # A1111: its merged LoRAs out
+                    result = import_lora(host, locked.bank if locked.bank is not None else new_bank(host), lora,
+                                         token or "", (trigger or "").strip() or None, float(strength or 1.0))
+                locked.commit(result.bank, what=f"the bank with {result.concept.token}")
+            msg = "<span class='seqlora-ok'>" + "<br>".join(html.escape(l) for l in report_lines(result, False)) + "</span>"
+        except SeqLoRAError as exc:
+            msg = _error(exc)
+        return (msg, *self.refresh())
+
     def lease_out(self, name, count, rank_value):
         """Lease room for ``count`` concepts to someone; the lease file is offered for download."""
         import re
@@ -437,6 +464,14 @@ def build_tab(session: TabSession):
                 lease_btn = gr.Button("Lease", elem_id="seqlora_lease")
                 lease_file = gr.File(label="Lease file", interactive=False)
             with gr.Row():
+                import_upload = gr.File(label="Import a LoRA file (kohya, diffusers or peft .safetensors)",
+                                        file_count="single", elem_id="seqlora_import_upload")
+                import_path = gr.Textbox(label="…or its path", elem_id="seqlora_import_path")
+                import_token = gr.Textbox(label="Token", value="<my-lora>", elem_id="seqlora_import_token")
+                import_trigger = gr.Textbox(label="Trigger words (empty: the file's top tag)", elem_id="seqlora_import_trigger")
+                import_strength = gr.Number(label="Strength", value=1.0, elem_id="seqlora_import_strength")
+                import_btn = gr.Button("Import LoRA", elem_id="seqlora_import")
+            with gr.Row():
                 interference_btn = gr.Button("Interference", elem_id="seqlora_interference")
             with gr.Row():
                 interference_map = gr.Image(label="Interference", interactive=False)
@@ -465,6 +500,8 @@ def build_tab(session: TabSession):
         refresh_btn.click(actions.refresh, None, listing)
         merge_btn.click(actions.merge_in, [merge_upload, merge_path, merge_rebase], [bank_status, *listing])
         lease_btn.click(actions.lease_out, [lease_name, lease_count, lease_rank], [bank_status, lease_file, *listing])
+        import_btn.click(actions.import_lora, [import_upload, import_path, import_token, import_trigger, import_strength],
+                         [bank_status, *listing])
         interference_btn.click(actions.show_interference, None, [interference_text, interference_map])
         preview_btn.click(actions.compose, [compose_ids, strengths, prompt, preview_size, preview_steps],
                           [compose_status, preview])

@@ -47,9 +47,9 @@ def test_composed_factors_follow_the_input_device_and_are_copied_once(strict_dev
         hooks.set_composed({"l": composed_pair()})
         out = layer(torch.zeros(3, 6, device="meta"))  # failed before: factors on weight.device (CPU)
         assert out.device.type == "meta" and out.shape == (3, 5)
-        first = hooks._composed_on[("l", torch.device("meta"))]
+        first = hooks._composed_on[(None, "l", torch.device("meta"))]
         layer(torch.zeros(2, 6, device="meta"))
-        assert hooks._composed_on[("l", torch.device("meta"))][0] is first[0]  # reused, not copied again
+        assert hooks._composed_on[(None, "l", torch.device("meta"))][0] is first[0]  # reused, not copied again
         assert hooks.composed["l"][0].device.type == "cpu"  # the given factors are left where they were
 
 

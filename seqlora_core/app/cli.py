@@ -8,12 +8,13 @@ refused in a fraction of a second, before any model or bank is touched.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 from pathlib import Path
 
-from ..settings import SETTINGS_BY_NAME, TRAINING_SETTINGS, Setting, train_settings
+from ..settings import DEFAULT_RESIDUALS, RESIDUAL_MODES, SETTINGS_BY_NAME, TRAINING_SETTINGS, Setting, train_settings
 from ..errors import InputError, SeqLoRAError
 
 EXIT_USER_ERROR = 2
@@ -136,9 +137,28 @@ def default_resolution(host) -> int:
     return 64 if host.architecture() == "sd15-tiny" else 512
 
 
-def cmd_train(args) -> None:
+@contextlib.contextmanager
+def step_bar(desc: str):
+    """A ``progress(step, total, loss)`` callback drawing a tqdm bar on stderr; the bar opens at the
+    first finished step (so an input error prints no empty bar) and closes when the block ends."""
     from tqdm.auto import tqdm
 
+    bars = []
+
+    def progress(step, total, loss):
+        if not bars:
+            bars.append(tqdm(total=total, desc=desc, unit="step", file=sys.stderr))
+        bars[0].update(1)
+        bars[0].set_postfix(loss=f"{loss:.4f}")
+
+    try:
+        yield progress
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+def cmd_train(args) -> None:
     from ..bank.format import Bank
     from ..bank.fingerprint import base_fingerprint
     from ..bank.lock import BankSession
@@ -167,20 +187,9 @@ def cmd_train(args) -> None:
             forecast = print_forecast(host, bank, pixels, args.token, args.init_word, settings)
             if args.forecast_only:
                 return
-        bars = []  # opened at the first finished step, so an input error prints no empty bar
-
-        def progress(step, total, loss):
-            if not bars:
-                bars.append(tqdm(total=total, desc=f"training {args.token}", unit="step", file=sys.stderr))
-            bars[0].update(1)
-            bars[0].set_postfix(loss=f"{loss:.4f}")
-
-        try:
+        with step_bar(f"training {args.token}") as progress:
             result = train_concept(host, bank, pixels, args.token, args.init_word, settings, progress,
                                    author=author_or_env(args.author), masks=masks)
-        finally:
-            for bar in bars:
-                bar.close()
         session.commit(result.bank, what=f"the bank with {result.concept.token}")
     orth = result.bank.max_orthogonality_error()
     final = result.concept.final_loss
@@ -307,6 +316,60 @@ def cmd_bank_merge(args) -> None:
           f"max orthogonality error {result.bank.max_orthogonality_error():.2e}, {seconds:.2f} s")
 
 
+def cmd_bank_import(args) -> None:
+    from ..bank.fingerprint import base_fingerprint
+    from ..bank.format import Bank
+    from ..bank.lock import BankSession
+    from ..bank.lora_file import read_lora_file
+    from ..bank.provenance import author_or_env
+    from ..method.trainer import new_bank
+    from .images import load_images
+    from .import_lora import import_lora, report_lines
+
+    lora = read_lora_file(args.lora)  # a file that is not a LoRA is refused before the model loads
+    input_file(args.images, "image folder")
+    input_file(args.embedding, "embedding file")
+    embedding = _embedding_file(args.embedding) if args.embedding else None
+    with BankSession(Path(args.file), args.wait, f"importing {args.token}") as session:
+        bank = session.bank
+        (bank or Bank({})).check_new_token(args.token)
+        host = _load_host(args)
+        if bank is None:
+            bank = new_bank(host)
+        else:
+            bank.check_base(host.architecture(), base_fingerprint(host.linear_layers()), args.allow_other_base)
+            if args.allow_other_base:
+                bank.base.update(base_fingerprint(host.linear_layers()).base_fields())
+        pixels = None
+        if args.images:
+            pixels = load_images([args.images], args.resolution or default_resolution(host))
+        with step_bar(f"learning {args.token}") as progress:
+            result = import_lora(host, bank, lora, args.token, args.trigger, args.strength, args.rank, args.targets,
+                                 pixels, embedding, "plain" if args.plain else "auto", author_or_env(args.author),
+                                 progress=progress)
+        session.commit(result.bank, what=f"the bank with {result.concept.token}")
+    print("\n".join(report_lines(result, per_layer=args.layers)))
+    print(f"bank {args.file} now holds {len(result.bank.concepts)} concept(s); max orthogonality error "
+          f"{result.bank.max_orthogonality_error():.2e}")
+
+
+def _embedding_file(text: str):
+    """The first vector of a textual-inversion embedding file (``emb_params``, A1111's
+    ``string_to_param``-less safetensors, or a single tensor)."""
+    from safetensors.torch import load_file
+
+    from ..errors import InputError
+
+    try:
+        tensors = load_file(text)
+    except Exception:
+        raise InputError(f"{text} is not a readable safetensors embedding file.") from None
+    tensor = tensors.get("emb_params", next(iter(tensors.values())) if len(tensors) == 1 else None)
+    if tensor is None or tensor.dim() not in (1, 2) or not bool(tensor.isfinite().all()):
+        raise InputError(f"{text} is not an embedding file (one tensor 'emb_params' of k × d vectors).")
+    return tensor.reshape(-1, tensor.shape[-1]).float()
+
+
 def cmd_export(args) -> None:
     from ..bank.format import load_bank
     from ..bank.export import export_lora
@@ -340,7 +403,7 @@ def cmd_generate(args) -> None:
     resolution = args.resolution or default_resolution(host)
     controls = load_controls(host, args, resolution)
     image = generate(host, bank, args.prompt, ids, strengths, args.negative, args.steps,
-                     args.guidance, resolution, args.seed, regions, controls)
+                     args.guidance, resolution, args.seed, regions, controls, args.residuals, args.auto_regions)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         image.save(out)
@@ -476,6 +539,22 @@ def _add_bank(sub) -> None:
     bm.add_argument("--rename", action="append", help="OLD=NEW for an id held with different contents by two inputs")
     _writer_args(bm)
     bm.set_defaults(func=cmd_bank_merge)
+    bp = bsub.add_parser("import", help="bring a LoRA file (kohya, diffusers or peft) into a bank as an orthogonal concept")
+    bp.add_argument("file", help="the bank (created if missing)")
+    bp.add_argument("lora", help="the LoRA .safetensors file")
+    bp.add_argument("--token", required=True, help='the concept\'s token, e.g. "<hero>"')
+    bp.add_argument("--trigger", default=None, help="the LoRA's trigger words (default: the file's most frequent caption tag)")
+    bp.add_argument("--strength", type=finite_float(-10, 10, "Strength"), default=1.0, help="folded into the concept")
+    bp.add_argument("--rank", type=int_in(1, 1024, "Rank"), default=None, help="the concept's rank (default: the bank's; 4 when new)")
+    bp.add_argument("--targets", default=None, help="layers a new bank adapts (default: the bank's layers, or the default preset)")
+    bp.add_argument("--images", default=None, metavar="DIR",
+                    help="images of the concept: weight every layer's fit by them and learn the token")
+    bp.add_argument("--embedding", default=None, metavar="FILE", help="the token's vector from an embedding file")
+    bp.add_argument("--plain", action="store_true", help="fit by plain SVD, without input statistics")
+    bp.add_argument("--layers", action="store_true", help="print the loss of every layer")
+    _host_args(bp)
+    _writer_args(bp)
+    bp.set_defaults(func=cmd_bank_import)
 
 
 def _add_export(sub) -> None:
@@ -501,6 +580,13 @@ def _add_generate(sub) -> None:
     g.add_argument("--seed", type=int_in(int(seed.min), int(seed.max), "Seed"), default=0,
                    help=f"0 to {int(seed.max)}")
     g.add_argument("--region", action="append", help='"x0,y0,x1,y1:prompt" in pixels, repeatable')
+    g.add_argument("--auto-regions", action="store_true",
+                   help="no boxes: each concept the prompt names finds its region from its token's attention in the "
+                        "first steps, then only its own residuals act there (drawn --region boxes win)")
+    g.add_argument("--residuals", choices=RESIDUAL_MODES, default=DEFAULT_RESIDUALS,
+                   help="with regions: confined (each prompt, the global one and each region's, with only the "
+                        "concepts it names) or global (every concept on every prompt); default "
+                        f"{DEFAULT_RESIDUALS}")
     g.add_argument("--sketch", default=None, help="sketch image (PNG)")
     g.add_argument("--keypose", default=None, help="keypose image (PNG) or OpenPose keypoints (JSON)")
     g.add_argument("--adapter", action="append", help="T2I-Adapter or ControlNet folder, one per control image")

@@ -48,11 +48,12 @@ def identify(image: np.ndarray, refs: Mapping[str, list[np.ndarray]]) -> str:
     return min(refs, key=lambda t: min(np.abs(hist - r).sum() for r in refs[t]))
 
 
-def sample_picture(host, bank: Bank, prompt: str, ids, seed: int, regions=(), resolution: int = 64) -> np.ndarray:
+def sample_picture(host, bank: Bank, prompt: str, ids, seed: int, regions=(), resolution: int = 64,
+                   residuals: str = "global") -> np.ndarray:
     from ..sampling.generate import generate
 
     return np.asarray(generate(host, bank, prompt, ids, steps=SAMPLE_STEPS, resolution=resolution, seed=seed,
-                               regions=regions))
+                               regions=regions, residuals=residuals))
 
 
 def identification(host: Host, bank: Bank, tokens: Sequence[str], refs: Mapping[str, list[np.ndarray]],
@@ -69,7 +70,7 @@ def identification(host: Host, bank: Bank, tokens: Sequence[str], refs: Mapping[
 
 def regional_identification(host: Host, bank: Bank, pairs: Sequence[tuple[str, str]],
                             refs: Mapping[str, list[np.ndarray]], seeds: Sequence[int] = (0,),
-                            resolution: int = 64) -> dict:
+                            resolution: int = 64, residuals: str = "global", global_prompt: str | None = None) -> dict:
     """Two concepts side by side, each in its own half (regional prompts, all concepts loaded).
     A region *holds its own* when its crop is identified as its concept among all ``refs``;
     the other is *absent* from it when the crop is not identified as the other concept.
@@ -82,7 +83,8 @@ def regional_identification(host: Host, bank: Bank, pairs: Sequence[tuple[str, s
         regions = (Region(f"a photo of {left}", (0, 0, half, resolution)),
                    Region(f"a photo of {right}", (half, 0, resolution, resolution)))
         for s in seeds:
-            image = sample_picture(host, bank, f"a photo of {left} and {right}", None, s, regions, resolution)
+            whole = global_prompt if global_prompt is not None else f"a photo of {left} and {right}"
+            image = sample_picture(host, bank, whole, None, s, regions, resolution, residuals)
             got = (identify(image[:, :half], refs), identify(image[:, half:], refs))
             own += (got[0] == left) + (got[1] == right)
             absent += (got[0] != right) + (got[1] != left)

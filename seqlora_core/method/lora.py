@@ -55,8 +55,12 @@ class LoRAHooks:
     def __init__(self, layers: Mapping[str, nn.Linear]):
         self.layers = dict(layers)
         self.trainable: dict[str, Factors] = {}
-        self.composed: dict[str, Factors] = {}  # as given (usually on the CPU)
-        self._composed_on: dict[tuple[str, torch.device], Factors] = {}  # copies per input device
+        self.composed: dict[str, Factors] = {}  # the active set, as given (usually on the CPU)
+        # named sets of composed factors (regional composition: one per context), switched by
+        # ``use``; copies per (set, layer, input device), so switching costs no copy
+        self._sets: dict[object, dict[str, Factors]] = {}
+        self._active: object = None
+        self._composed_on: dict[tuple, Factors] = {}
         self._handles = [module.register_forward_hook(self._make_hook(name))
                          for name, module in self.layers.items()]
 
@@ -80,15 +84,33 @@ class LoRAHooks:
     def set_composed(self, per_layer: Mapping[str, Factors]) -> None:
         """Frozen concepts' residuals, already stacked per layer (see :func:`compose_factors`);
         each is copied to an input's device the first time an input arrives there."""
-        self.composed = {name: pair for name, pair in per_layer.items() if name in self.layers}
-        self._composed_on = {}
+        self._sets, self._composed_on = {}, {}
+        self.define_set(None, per_layer)
+        self._active = None
+        self.composed = self._sets[None]
+
+    def define_set(self, key: object, per_layer: Mapping[str, Factors]) -> None:
+        """A named set of composed factors that :meth:`use` can switch to (an empty mapping: no
+        residual at all while it is in use)."""
+        self._sets[key] = {name: pair for name, pair in per_layer.items() if name in self.layers}
+        self._composed_on = {k: v for k, v in self._composed_on.items() if k[0] != key}
+
+    @contextlib.contextmanager
+    def use(self, key: object):
+        """Within the block the hooks add the set ``key``'s residuals (see :meth:`define_set`)."""
+        before = self._active
+        self._active, self.composed = key, self._sets[key]
+        try:
+            yield
+        finally:
+            self._active, self.composed = before, self._sets.get(before, {})
 
     def _composed_for(self, name: str, device: torch.device) -> Factors | None:
         """The layer's composed factors on ``device`` (copied there once, then reused)."""
         pair = self.composed.get(name)
         if pair is None or pair[0].device == device:
             return pair
-        key = (name, device)
+        key = (self._active, name, device)
         if key not in self._composed_on:
             self._composed_on[key] = (pair[0].to(device), pair[1].to(device))
         return self._composed_on[key]
@@ -99,7 +121,7 @@ class LoRAHooks:
         self._handles = []
         self.trainable = {}
         self.composed = {}
-        self._composed_on = {}
+        self._sets, self._composed_on = {}, {}
 
     def __enter__(self) -> "LoRAHooks":
         return self

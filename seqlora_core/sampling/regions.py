@@ -17,6 +17,7 @@ patches Comfy's cross-attention modules with the same ``blend`` function.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ class Region:
     box: tuple[float, float, float, float] | None = None
     mask: Tensor | None = None
     feather: float = 0.0  # soft edge width in pixels (boxes only)
+    concepts: list[str] | None = None  # confined residuals: this region's concepts (None: those its prompt names)
 
 
 def parse_region(spec: str) -> Region:
@@ -121,6 +123,13 @@ class RegionalState:
     contexts: Tensor  # (R, 77, d)
     rows: Tensor | None = None  # (b,) bool
     latent_hw: tuple[int, int] = (64, 64)
+    # confined residuals (``sampling.confined``): context key ("global" or the region's index) →
+    # a context manager under which K/V are projected with that context's concepts only
+    confine: Callable[[object], contextlib.AbstractContextManager] | None = None
+    # confined residuals: the negative prompt encoded with each region's concepts (R, 77, d); the
+    # unconditional rows then blend per region too, so that inside a region both rows of
+    # classifier-free guidance see the model that region asks for (base + its concepts)
+    uncond_contexts: Tensor | None = None
     _cache: dict = field(default_factory=dict)
 
     def weights(self, tokens: int, device, dtype) -> Tensor:
@@ -134,20 +143,29 @@ class RegionalState:
 def regional_cross_attention(query_fn: Callable[[], Tensor], attend: Callable[[Tensor, Tensor], Tensor],
                              hidden_tokens: int, context: Tensor, state: RegionalState) -> Tensor:
     """Shared by hosts: ``attend(q, ctx)`` projects K/V from ``ctx`` and attends; returns (b, N, c)."""
+    confine = state.confine or (lambda key: contextlib.nullcontext())
     q = query_fn()
-    out = attend(q, context)
+    with confine("global"):
+        out = attend(q, context)
     if state.contexts.shape[0] == 0:
         return out
-    rows = state.rows if state.rows is not None else torch.ones(q.shape[0], dtype=torch.bool)
-    idx = torch.nonzero(rows.to(q.device)).flatten()
-    if idx.numel() == 0:
-        return out
-    q_r = q[idx]
-    region_outs = [attend(q_r, ctx[None].expand(len(idx), -1, -1).to(context.dtype)) for ctx in state.contexts.to(q.device)]
-    blended = blend(out[idx], region_outs, state.weights(hidden_tokens, q.device, out.dtype))
-    out = out.clone()
-    out[idx] = blended
-    return out
+    rows = (state.rows if state.rows is not None else torch.ones(q.shape[0], dtype=torch.bool)).to(q.device)
+    groups = [(torch.nonzero(rows).flatten(), state.contexts)]
+    if state.uncond_contexts is not None:  # confined: the other rows are regional too, with their own contexts
+        groups.append((torch.nonzero(~rows).flatten(), state.uncond_contexts))
+    weights = state.weights(hidden_tokens, q.device, out.dtype)
+    result = None
+    for idx, contexts in groups:
+        if idx.numel() == 0:
+            continue
+        q_r = q[idx]
+        region_outs = []
+        for r, ctx in enumerate(contexts.to(q.device)):
+            with confine(r):
+                region_outs.append(attend(q_r, ctx[None].expand(len(idx), -1, -1).to(context.dtype)))
+        result = out.clone() if result is None else result
+        result[idx] = blend(out[idx], region_outs, weights)
+    return out if result is None else result
 
 
 class RegionalAttnProcessor:

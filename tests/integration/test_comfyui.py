@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +261,44 @@ def test_train_on_the_subject_of_transparent_photos(comfy_server, comfy_path):
         assert "marks nothing to train on" in error["exception_message"], error["exception_message"]
     finally:
         shutil.rmtree(folder)
+
+
+def test_import_lora_node_brings_a_kohya_file_into_a_bank(comfy_importable, checkpoint, tmp_path):
+    """Import LoRA into Bank on a real Comfy model: a kohya file exported from a bank comes back as
+    the same residual, and the composed model carries it."""
+    import comfy.sd
+    import folder_paths
+    from safetensors.torch import save_file
+
+    from seqlora_core.bank.export import kohya_key
+    from seqlora_core.settings import PRESETS
+
+    operations = pack_module("nodes.operations")
+    with torch.inference_mode():
+        model, clip, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True, output_clip=True)[:3]
+    g = torch.Generator().manual_seed(0)
+    layers = operations.model_layers(model, clip)
+    import re
+
+    chosen = [n for n in layers if any(re.search(p, n) for p in PRESETS["default"])][:6]
+    lora = {}
+    for name in chosen:
+        lora[f"{kohya_key(name)}.lora_up.weight"] = 0.05 * torch.randn(layers[name].out_features, 4, generator=g)
+        lora[f"{kohya_key(name)}.lora_down.weight"] = 0.05 * torch.randn(4, layers[name].in_features, generator=g)
+        lora[f"{kohya_key(name)}.alpha"] = torch.tensor(4.0)
+    loras = Path(folder_paths.get_folder_paths("loras")[0])
+    loras.mkdir(parents=True, exist_ok=True)
+    name = f"pytest_import_{os.getpid()}.safetensors"
+    save_file(lora, loras / name)
+    try:
+        assert name in operations.lora_files()
+        bank, new_model, new_clip, report = operations.import_lora_file(model, clip, None, name, "<mine>", "cat",
+                                                                          1.0, 0, None)
+    finally:
+        (loras / name).unlink()
+    concept = bank.get("mine")
+    assert concept.method == "imported" and set(concept.A) == set(chosen)
+    for layer in chosen:
+        up, down = lora[f"{kohya_key(layer)}.lora_up.weight"], lora[f"{kohya_key(layer)}.lora_down.weight"]
+        assert torch.allclose(concept.A[layer] @ concept.B[layer].T, up @ down, atol=1e-6)
+    assert "lost of the LoRA" in report and new_model is not model

@@ -97,3 +97,36 @@ def test_regional_example_workflow(comfy_server, comfy_path, checkpoint, photos,
     assert (comfy_path / "output" / image).stat().st_size > 0
     pose = np.asarray(Image.open(comfy_path / "output" / entry["outputs"]["17"]["images"][0]["filename"]))
     assert pose.reshape(-1, pose.shape[-1])[:, :3].max() > 0  # a skeleton was drawn
+
+
+def test_confined_residuals_in_comfy_cross_attention(comfy_importable):
+    """Confined mode in Comfy's attention: each region's keys and values get only its own
+    concepts' factors, so changing the right region's factors leaves the left one bit for bit
+    unchanged, on both rows of guidance."""
+    from comfy.ldm.modules.attention import CrossAttention
+
+    from seqlora_core.sampling.regions import Region, region_masks
+
+    load_pack()
+    regional = importlib.import_module("seqlora_pack.nodes.regional")
+    torch.manual_seed(0)
+    attn = CrossAttention(query_dim=64, context_dim=32, heads=2, dim_head=16).eval()
+    with torch.no_grad():
+        for param in attn.parameters():
+            param.normal_(0, 0.1)
+    x = torch.randn(2, 64, 64)
+    ctx = torch.randn(2, 77, 32)
+    masks = region_masks([Region("a", box=(0, 0, 32, 64)), Region("b", box=(32, 0, 64, 64))], 64, 64)
+    contexts = torch.randn(2, 77, 32)
+    pair = lambda: (torch.randn(32, 4), torch.randn(32, 4))  # noqa: E731  (A, B) on to_k / to_v
+    left = {"k": pair(), "v": pair()}
+    right, right_b = {"k": pair(), "v": pair()}, {"k": pair(), "v": pair()}
+    options = {"cond_or_uncond": [1, 0], "original_shape": [2, 4, 8, 8]}
+    with torch.no_grad():
+        out_a = regional.make_forward(attn, masks, contexts, {0: left, 1: right})(x, context=ctx, transformer_options=options)
+        out_b = regional.make_forward(attn, masks, contexts, {0: left, 1: right_b})(x, context=ctx, transformer_options=options)
+        plain = regional.make_forward(attn, masks, contexts)(x, context=ctx, transformer_options=options)
+    a, b, p = (t.reshape(2, 8, 8, -1) for t in (out_a, out_b, plain))
+    assert torch.equal(a[:, :, :4], b[:, :, :4])  # the left region, both rows: untouched by the right's factors
+    assert not torch.allclose(a[:, :, 4:], b[:, :, 4:])
+    assert not torch.allclose(a[1, :, :4], p[1, :, :4])  # the left region's own concept acts there
