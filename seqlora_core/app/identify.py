@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..bank.format import Bank
 from ..hosts.protocol import Host
+from ..settings import DEFAULT_RESIDUALS
 
 BINS = 4
 SAMPLE_STEPS = 20
@@ -49,7 +50,7 @@ def identify(image: np.ndarray, refs: Mapping[str, list[np.ndarray]]) -> str:
 
 
 def sample_picture(host, bank: Bank, prompt: str, ids, seed: int, regions=(), resolution: int = 64,
-                   residuals: str = "global") -> np.ndarray:
+                   residuals: str = DEFAULT_RESIDUALS) -> np.ndarray:
     from ..sampling.generate import generate
 
     return np.asarray(generate(host, bank, prompt, ids, steps=SAMPLE_STEPS, resolution=resolution, seed=seed,
@@ -70,7 +71,8 @@ def identification(host: Host, bank: Bank, tokens: Sequence[str], refs: Mapping[
 
 def regional_identification(host: Host, bank: Bank, pairs: Sequence[tuple[str, str]],
                             refs: Mapping[str, list[np.ndarray]], seeds: Sequence[int] = (0,),
-                            resolution: int = 64, residuals: str = "global", global_prompt: str | None = None) -> dict:
+                            resolution: int = 64, residuals: str = DEFAULT_RESIDUALS,
+                            global_prompt: str | None = None) -> dict:
     """Two concepts side by side, each in its own half (regional prompts, all concepts loaded).
     A region *holds its own* when its crop is identified as its concept among all ``refs``;
     the other is *absent* from it when the crop is not identified as the other concept.

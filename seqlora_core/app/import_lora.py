@@ -238,7 +238,8 @@ def import_lora(host: Host, bank: Bank, lora: LoRAFile, token: str, trigger: str
     concept = Concept(id=ident, token=token, init_word=words or "", rank=rank, method=IMPORTED, A=a, B=b,
                       embedding=vector, settings=settings, stats=kept_stats, author=author,
                       lease=bank.confined_to)
-    new_bank = bank.with_concept(concept, author, source=lora.name, source_sha256=lora.sha256)
+    new_bank = bank.with_concept(concept, author, note=f"imported from {lora.name}", source=lora.name,
+                                 source_sha256=lora.sha256)
     return ImportResult(new_bank, concept, lora, fits, dropped, token_from, time.time() - start_time)
 
 
