@@ -352,8 +352,10 @@ class ExportLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, concepts=None, lora_name=None):
-        return validation.first_problem(validation.selection_problem(concepts), validation.bank_name_problem(lora_name))
+    def validate_inputs(cls, lora_name=None):
+        # ComfyUI attaches what validate_inputs returns to every input it takes, so this checks the
+        # name alone (a bad name marks lora_name only); the concept list is checked when it runs
+        return validation.first_problem(validation.lora_name_problem(lora_name))
 
     @classmethod
     def execute(cls, bank, concepts, lora_name, overwrite):

@@ -46,12 +46,15 @@ def register_folder() -> str:
 
 
 def bank_files() -> list[str]:
-    """Bank files in models/seqlora; none before the folder is registered (the extension's on_load)."""
+    """Bank files in models/seqlora; none before the folder is registered (the extension's on_load).
+    Hidden files and folders (a name part starting with a dot) are left out: Save Basis Bank never
+    writes one, and ComfyUI's own listing would show them."""
     import folder_paths
 
     if FOLDER not in folder_paths.folder_names_and_paths:
         return []
-    return folder_paths.get_filename_list(FOLDER)
+    return [name for name in folder_paths.get_filename_list(FOLDER)
+            if not any(part.startswith(".") for part in name.replace("\\", "/").split("/"))]
 
 
 def bank_path(name: str) -> str | None:
@@ -257,9 +260,9 @@ def export_lora_file(bank: Bank, selection: str, name: str, overwrite: bool = Fa
 
     from seqlora_core.bank.export import export_lora
 
-    problem = check_bank_name(name)
+    problem = check_bank_name(name, "LoRA name")
     if problem:
-        raise InputError(problem.replace("Bank name", "LoRA name"))
+        raise InputError(problem)
     ids, _ = bank.parse_selection(selection)
     stem = name.strip().removesuffix(".safetensors")
     loras = Path(folder_paths.get_folder_paths("loras")[0])

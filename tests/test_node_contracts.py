@@ -137,6 +137,10 @@ def test_widget_values_are_checked_before_the_queue_runs():
     assert validation.token_problem(None) is None  # linked: checked when the node runs
     assert validation.bank_name_problem("my bank (2)") is None
     assert "may only use" in validation.bank_name_problem("../etc")
+    for hidden in ("..", ".", ".hidden", " .x.safetensors"):  # issue 23: hidden files in models/seqlora
+        assert "may not start with a dot" in validation.bank_name_problem(hidden), hidden
+    assert validation.bank_name_problem("v1.5 cats") is None
+    assert validation.lora_name_problem("../x").startswith("LoRA name '../x'")
     assert validation.selection_problem("all") is None
     assert validation.selection_problem("<chelsea>:0.8, coffee") is None
     assert "not a number" in validation.selection_problem("chelsea:lots")
@@ -211,3 +215,19 @@ def test_folder_masks_follow_load_image_and_train_concept_reads_them_as_backgrou
         masks_to_weights(torch.zeros(3, 32, 32), images, 16)
     with pytest.raises(InputError, match="mask_means"):
         masks_to_weights(mask, images, 16, "whatever")
+
+
+def test_load_basis_bank_lists_no_hidden_file(monkeypatch):
+    """Issue 23: ComfyUI lists hidden files too; a `.x.safetensors` (or one in a hidden folder) is
+    not offered as a bank."""
+    import sys
+    import types
+
+    from nodes.operations import bank_files
+
+    names = ["a.safetensors", ".hidden.safetensors", "...safetensors", "sub/b.safetensors", ".git/c.safetensors",
+             "sub/.d.safetensors"]
+    fake = types.SimpleNamespace(folder_names_and_paths={"seqlora": ([], {".safetensors"})},
+                                 get_filename_list=lambda folder: list(names))
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    assert bank_files() == ["a.safetensors", "sub/b.safetensors"]
