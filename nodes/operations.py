@@ -291,6 +291,32 @@ def compose(model, clip, bank: Bank, ids: list[str], strengths: dict[str, float]
 
 
 # -- train ---------------------------------------------------------------------------------------
+# A first run on a CPU (issue 23): 512 px and 200 minibatches suit a GPU, but a real SD-1.5 on a
+# CPU takes about 38 s per minibatch at 64 px on 2 cores, so Train Concept's quick_on_cpu (on by
+# default) caps a CPU run at this size and length: a few minutes, enough to see the whole workflow
+# work, not enough to learn the concept well. A GPU run is never changed.
+QUICK_CPU_RESOLUTION = 64
+QUICK_CPU_STEPS = 4
+
+
+def runs_on_cpu() -> bool:
+    """Whether ComfyUI computes on the CPU (no GPU, or --cpu)."""
+    import comfy.model_management as mm
+
+    return mm.get_torch_device().type == "cpu"
+
+
+def quick_cpu_settings(settings: TrainSettings) -> tuple[TrainSettings, str]:
+    """``settings`` capped to the quick CPU run, and one line saying what was changed ('' if nothing)."""
+    quick = dataclasses.replace(settings, resolution=min(settings.resolution, QUICK_CPU_RESOLUTION),
+                                steps=min(settings.steps, QUICK_CPU_STEPS))
+    if quick == settings:
+        return settings, ""
+    return quick, (f"Quick first run on the CPU: {quick.resolution} px and {quick.steps} minibatches instead of "
+                   f"{settings.resolution} px and {settings.steps} (turn quick_on_cpu off to train as set; on a "
+                   f"CPU that takes hours).")
+
+
 def is_cancel(exc: BaseException) -> bool:
     """True for ComfyUI's Cancel (its interrupt exception) and the trainer's own interruption."""
     from seqlora_core.method.trainer import Interrupted
@@ -310,7 +336,10 @@ def preview(model, clip, vae, token: str, resolution: int, steps: int, seed: int
 # is transparent; the mask editor paints what it erases): by default the mask marks the background,
 # so a photo with a transparent background trains on its subject, wired straight from Load Image or
 # Load Image Folder. Segmentation nodes give 1 on the subject: that is the other choice.
-MASK_MEANINGS = ("background (Load Image: transparent = 1)", "subject (segmentation: subject = 1)")
+MASK_MEANINGS = ("background", "subject")
+# the labels of the first release (too long for the widget, issue 23); workflows saved with them still run
+OLD_MASK_MEANINGS = {"background (Load Image: transparent = 1)": "background",
+                     "subject (segmentation: subject = 1)": "subject"}
 
 
 def masks_to_weights(mask: torch.Tensor, image: torch.Tensor, resolution: int, meaning: str = MASK_MEANINGS[0]) -> torch.Tensor:
@@ -320,6 +349,7 @@ def masks_to_weights(mask: torch.Tensor, image: torch.Tensor, resolution: int, m
 
     from seqlora_core.app.images import pil_to_mask
 
+    meaning = OLD_MASK_MEANINGS.get(meaning, meaning)
     if meaning not in MASK_MEANINGS:
         raise InputError(f"mask_means must be one of: {', '.join(MASK_MEANINGS)}.")
     mask = mask.detach().float().cpu()

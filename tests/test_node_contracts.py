@@ -209,6 +209,9 @@ def test_folder_masks_follow_load_image_and_train_concept_reads_them_as_backgrou
     assert float(weights[0, 8, 8]) > 0.99 and float(weights[0, 0, 0]) < 0.01 and float(weights[1].min()) == 1
     subject = masks_to_weights(1 - mask, images, 16, MASK_MEANINGS[1])
     assert torch.allclose(subject, weights)
+    # the first release's long labels (issue 23: truncated in the widget) still mean the same
+    assert torch.allclose(masks_to_weights(mask, images, 16, "background (Load Image: transparent = 1)"), weights)
+    assert torch.allclose(masks_to_weights(1 - mask, images, 16, "subject (segmentation: subject = 1)"), weights)
     # one mask for a whole batch, of another size (Load Image's 64×64 empty mask): broadcast, resized
     assert float(masks_to_weights(torch.zeros(1, 64, 64), images, 16).min()) == 1
     with pytest.raises(InputError, match="one per image"):
