@@ -404,8 +404,8 @@ function makeBoxEditor(node, widget) {
       const prompt = el("input", { flex: "1", minWidth: "0" });
       prompt.value = r.prompt || "";
       prompt.onchange = () => { const t = state(); t.regions[i].prompt = prompt.value; save(t); };
-      const pick = el("select", { maxWidth: "90px" });
-      pick.append(new Option("concept…", ""));
+      const pick = el("select", { flex: "0 0 auto", minWidth: "110px" }); // "concept…" and a token in full
+      pick.append(new Option("+ concept", ""));  // not "concept…": read as a label cut short
       tokens.forEach((t) => pick.append(new Option(t, t)));
       pick.onfocus = () => refreshTokens(); // the bank may have changed since the node was created
       pick.onchange = () => {

@@ -1,7 +1,8 @@
 """The pack as ComfyUI sees it: one ``ComfyExtension`` (ComfyUI's V3 extension API).
 
 ``on_load`` does everything that touches the running ComfyUI — registers ``models/seqlora`` as a
-model folder and adds the ``/seqlora/concepts`` route — and is idempotent. ComfyUI 0.3.64 calls
+model folder, adds the ``/seqlora/concepts`` route and copies the example workflows' inputs into
+ComfyUI's input folder where missing (``nodes.examples``) — and is idempotent. ComfyUI 0.3.64 calls
 ``get_node_list`` but never ``on_load``, so ``get_node_list`` makes sure it ran first; later
 ComfyUI versions call ``on_load`` themselves.
 """
@@ -33,6 +34,14 @@ def register_routes() -> bool:
     return True
 
 
+def _copy_examples() -> None:
+    import folder_paths
+
+    from .examples import copy_examples
+
+    copy_examples(folder_paths.get_input_directory())
+
+
 class SeqLoRAExtension(ComfyExtension):
     loaded = False
 
@@ -40,6 +49,7 @@ class SeqLoRAExtension(ComfyExtension):
         if SeqLoRAExtension.loaded:
             return
         operations.register_folder()
+        _copy_examples()
         if not register_routes():
             log.info("SeqLoRA: no ComfyUI server in this process; /seqlora/concepts is not served")
         SeqLoRAExtension.loaded = True

@@ -9,6 +9,7 @@ ComfyUI.
 from __future__ import annotations
 
 import inspect
+import logging
 
 from comfy_api.latest import io
 
@@ -17,6 +18,7 @@ from seqlora_core.settings import DEFAULT_RESIDUALS, RESIDUAL_MODES, TRAINING_SE
 from . import operations, validation
 from .server_events import send
 
+log = logging.getLogger("seqlora")
 CATEGORY = "SeqLoRA"
 BasisBank = io.Custom("BASIS_BANK")
 BANK_TIP = "a SeqLoRA bank: concepts with orthogonal bases, their LoRA factors and tokens"
@@ -25,8 +27,14 @@ BANK_TIP = "a SeqLoRA bank: concepts with orthogonal bases, their LoRA factors a
 def _setting_input(setting: Setting):
     """The node input of one training setting (seqlora_core.settings); advanced ones folded where
     this ComfyUI's node API supports it."""
-    kw = {"default": setting.default, "tooltip": f"{setting.title}: {setting.help}"}
-    if setting.choices is not None:
+    kw = {"default": setting.default, "tooltip": f"{setting.title}: {setting.help}{TIME_NOTES.get(setting.name, '')}"}
+    if setting.kind is float and setting.step is not None and setting.step < 1e-6:
+        # a float widget shows a fixed number of decimals (eps as 0.000000010); typed as text ("1e-8")
+        # it is read and range-checked like every setting (seqlora_core.settings.Setting.coerce)
+        kw["default"] = f"{setting.default:g}"
+        kw["tooltip"] += f" (a number, e.g. {setting.default:g}; from {setting.min:g} to {setting.max:g})"
+        cls = io.String.Input
+    elif setting.choices is not None:
         cls, kw["options"] = io.Combo.Input, list(setting.choices)
     elif setting.kind is str:
         cls = io.String.Input
@@ -38,6 +46,17 @@ def _setting_input(setting: Setting):
     if "advanced" in inspect.signature(cls.__init__).parameters:
         kw["advanced"] = setting.advanced
     return cls(setting.name, **kw)
+
+
+# How long a run takes, in the tooltips of the two settings that decide it (issue 23).
+_CPU_TIME = (f"a real SD-1.5 takes about 38 s per minibatch at 64 px on a 2-core CPU, so on a CPU "
+             f"quick_on_cpu (on by default) trains {operations.QUICK_CPU_STEPS} minibatches at "
+             f"{operations.QUICK_CPU_RESOLUTION} px, about 3 minutes")
+TIME_NOTES = {
+    "steps": f". Time: each minibatch is K bilevel iterations of T + 1 passes; {_CPU_TIME}; on a GPU "
+             "200 minibatches at 512 px are the intended run (goal: 2 minutes on an H100; not yet measured)",
+    "resolution": f". Time grows with the square of it: {_CPU_TIME}; 512 px is SD-1.5's own size, for a GPU",
+}
 
 
 def _bank_ui(bank, text: str, **extra) -> dict:
@@ -79,8 +98,15 @@ class TrainConcept(io.ComfyNode):
                                       "PNG with a transparent background works as it is)"),
                 io.Combo.Input("mask_means", options=list(operations.MASK_MEANINGS),
                                default=operations.MASK_MEANINGS[0], optional=True,
-                               tooltip="what a mask value of 1 marks: the background to ignore (ComfyUI's Load "
-                                       "Image: 1 where transparent) or the subject (segmentation nodes)"),
+                               tooltip="what a mask value of 1 marks: background, the part to ignore (ComfyUI's "
+                                       "Load Image: 1 where transparent), or subject (segmentation nodes: 1 on "
+                                       "the subject)"),
+                io.Boolean.Input("quick_on_cpu", default=True, optional=True,
+                                 tooltip=f"when ComfyUI runs on the CPU, train a quick first run instead: at most "
+                                         f"{operations.QUICK_CPU_RESOLUTION} px and {operations.QUICK_CPU_STEPS} "
+                                         f"minibatches (about 3 minutes on 2 cores; the settings as set would take "
+                                         f"hours). It shows the workflow working; the concept is barely learned. "
+                                         f"On a GPU it changes nothing. Off: train as set"),
             ],
             outputs=[BasisBank.Output(display_name="bank", tooltip="the bank with the new concept appended"),
                      io.Model.Output(display_name="model", tooltip="the model with every concept of the bank applied"),
@@ -90,7 +116,8 @@ class TrainConcept(io.ComfyNode):
                                                                     "(black when sample_steps is 0)"),
                      io.String.Output(display_name="forecast",
                                       tooltip="the forecast before training and the new concept's measured "
-                                              "interference row and column after (empty when forecast is off)")],
+                                              "interference row and column after (empty when forecast is off), "
+                                              "after the quick CPU run's note when there is one")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -100,10 +127,15 @@ class TrainConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, token, init_word, bank=None, allow_other_base=False, sample_steps=20,
-                forecast=True, mask=None, mask_means=operations.MASK_MEANINGS[0], **setting_values):
+                forecast=True, mask=None, mask_means=operations.MASK_MEANINGS[0], quick_on_cpu=True,
+                **setting_values):
         import comfy.utils
 
-        settings = train_settings(setting_values)
+        settings, note = train_settings(setting_values), ""
+        if quick_on_cpu and operations.runs_on_cpu():
+            settings, note = operations.quick_cpu_settings(settings)
+        if note:
+            log.warning("SeqLoRA: %s", note)
         steps = settings.steps
         bar = comfy.utils.ProgressBar(steps)
         node = cls.hidden.unique_id if cls.hidden else None
@@ -115,7 +147,10 @@ class TrainConcept(io.ComfyNode):
             send("seqlora.progress", {"node": node, "step": step, "total": total, "loss": loss})
 
         def show_forecast(text):
-            send("seqlora.forecast", {"node": node, "text": text})
+            send("seqlora.forecast", {"node": node, "text": f"{note}\n\n{text}" if note else text})
+
+        if note and not forecast:
+            send("seqlora.forecast", {"node": node, "text": note})
 
         try:
             new_bank, new_model, new_clip, curve, report = operations.train(
@@ -127,6 +162,7 @@ class TrainConcept(io.ComfyNode):
             raise
         sample = operations.preview(new_model, new_clip, vae, new_bank.concepts[-1].token, settings.resolution,
                                     sample_steps, settings.seed)
+        report = f"{note}\n\n{report}" if note and report else report or note
         send("seqlora.bank", {"node": node, **operations.panel_data(new_bank), **({"report": report} if report else {})})
         return io.NodeOutput(new_bank, new_model, new_clip, curve, sample, report)
 
@@ -352,8 +388,10 @@ class ExportLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, concepts=None, lora_name=None):
-        return validation.first_problem(validation.selection_problem(concepts), validation.bank_name_problem(lora_name))
+    def validate_inputs(cls, lora_name=None):
+        # ComfyUI attaches what validate_inputs returns to every input it takes, so this checks the
+        # name alone (a bad name marks lora_name only); the concept list is checked when it runs
+        return validation.first_problem(validation.lora_name_problem(lora_name))
 
     @classmethod
     def execute(cls, bank, concepts, lora_name, overwrite):

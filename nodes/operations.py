@@ -46,12 +46,15 @@ def register_folder() -> str:
 
 
 def bank_files() -> list[str]:
-    """Bank files in models/seqlora; none before the folder is registered (the extension's on_load)."""
+    """Bank files in models/seqlora; none before the folder is registered (the extension's on_load).
+    Hidden files and folders (a name part starting with a dot) are left out: Save Basis Bank never
+    writes one, and ComfyUI's own listing would show them."""
     import folder_paths
 
     if FOLDER not in folder_paths.folder_names_and_paths:
         return []
-    return folder_paths.get_filename_list(FOLDER)
+    return [name for name in folder_paths.get_filename_list(FOLDER)
+            if not any(part.startswith(".") for part in name.replace("\\", "/").split("/"))]
 
 
 def bank_path(name: str) -> str | None:
@@ -257,9 +260,9 @@ def export_lora_file(bank: Bank, selection: str, name: str, overwrite: bool = Fa
 
     from seqlora_core.bank.export import export_lora
 
-    problem = check_bank_name(name)
+    problem = check_bank_name(name, "LoRA name")
     if problem:
-        raise InputError(problem.replace("Bank name", "LoRA name"))
+        raise InputError(problem)
     ids, _ = bank.parse_selection(selection)
     stem = name.strip().removesuffix(".safetensors")
     loras = Path(folder_paths.get_folder_paths("loras")[0])
@@ -325,6 +328,32 @@ def compose(model, clip, bank: Bank, ids: list[str], strengths: dict[str, float]
 
 
 # -- train ---------------------------------------------------------------------------------------
+# A first run on a CPU (issue 23): 512 px and 200 minibatches suit a GPU, but a real SD-1.5 on a
+# CPU takes about 38 s per minibatch at 64 px on 2 cores, so Train Concept's quick_on_cpu (on by
+# default) caps a CPU run at this size and length: a few minutes, enough to see the whole workflow
+# work, not enough to learn the concept well. A GPU run is never changed.
+QUICK_CPU_RESOLUTION = 64
+QUICK_CPU_STEPS = 4
+
+
+def runs_on_cpu() -> bool:
+    """Whether ComfyUI computes on the CPU (no GPU, or --cpu)."""
+    import comfy.model_management as mm
+
+    return mm.get_torch_device().type == "cpu"
+
+
+def quick_cpu_settings(settings: TrainSettings) -> tuple[TrainSettings, str]:
+    """``settings`` capped to the quick CPU run, and one line saying what was changed ('' if nothing)."""
+    quick = dataclasses.replace(settings, resolution=min(settings.resolution, QUICK_CPU_RESOLUTION),
+                                steps=min(settings.steps, QUICK_CPU_STEPS))
+    if quick == settings:
+        return settings, ""
+    return quick, (f"Quick first run on the CPU: {quick.resolution} px and {quick.steps} minibatches instead of "
+                   f"{settings.resolution} px and {settings.steps} (turn quick_on_cpu off to train as set; on a "
+                   f"CPU that takes hours).")
+
+
 def is_cancel(exc: BaseException) -> bool:
     """True for ComfyUI's Cancel (its interrupt exception) and the trainer's own interruption."""
     from seqlora_core.method.trainer import Interrupted
@@ -344,7 +373,10 @@ def preview(model, clip, vae, token: str, resolution: int, steps: int, seed: int
 # is transparent; the mask editor paints what it erases): by default the mask marks the background,
 # so a photo with a transparent background trains on its subject, wired straight from Load Image or
 # Load Image Folder. Segmentation nodes give 1 on the subject: that is the other choice.
-MASK_MEANINGS = ("background (Load Image: transparent = 1)", "subject (segmentation: subject = 1)")
+MASK_MEANINGS = ("background", "subject")
+# the labels of the first release (too long for the widget, issue 23); workflows saved with them still run
+OLD_MASK_MEANINGS = {"background (Load Image: transparent = 1)": "background",
+                     "subject (segmentation: subject = 1)": "subject"}
 
 
 def masks_to_weights(mask: torch.Tensor, image: torch.Tensor, resolution: int, meaning: str = MASK_MEANINGS[0]) -> torch.Tensor:
@@ -354,6 +386,7 @@ def masks_to_weights(mask: torch.Tensor, image: torch.Tensor, resolution: int, m
 
     from seqlora_core.app.images import pil_to_mask
 
+    meaning = OLD_MASK_MEANINGS.get(meaning, meaning)
     if meaning not in MASK_MEANINGS:
         raise InputError(f"mask_means must be one of: {', '.join(MASK_MEANINGS)}.")
     mask = mask.detach().float().cpu()

@@ -37,10 +37,14 @@ def init_word_problem(word: str | None) -> str | None:
     return None
 
 
-def bank_name_problem(name: str | None) -> str | None:
+def bank_name_problem(name: str | None, what: str = "Bank name") -> str | None:
     from .operations import check_bank_name
 
-    return None if name is None else check_bank_name(name)
+    return None if name is None else check_bank_name(name, what)
+
+
+def lora_name_problem(name: str | None) -> str | None:
+    return bank_name_problem(name, "LoRA name")
 
 
 def selection_problem(text: str | None) -> str | None:

@@ -137,6 +137,10 @@ def test_widget_values_are_checked_before_the_queue_runs():
     assert validation.token_problem(None) is None  # linked: checked when the node runs
     assert validation.bank_name_problem("my bank (2)") is None
     assert "may only use" in validation.bank_name_problem("../etc")
+    for hidden in ("..", ".", ".hidden", " .x.safetensors"):  # issue 23: hidden files in models/seqlora
+        assert "may not start with a dot" in validation.bank_name_problem(hidden), hidden
+    assert validation.bank_name_problem("v1.5 cats") is None
+    assert validation.lora_name_problem("../x").startswith("LoRA name '../x'")
     assert validation.selection_problem("all") is None
     assert validation.selection_problem("<chelsea>:0.8, coffee") is None
     assert "not a number" in validation.selection_problem("chelsea:lots")
@@ -205,9 +209,28 @@ def test_folder_masks_follow_load_image_and_train_concept_reads_them_as_backgrou
     assert float(weights[0, 8, 8]) > 0.99 and float(weights[0, 0, 0]) < 0.01 and float(weights[1].min()) == 1
     subject = masks_to_weights(1 - mask, images, 16, MASK_MEANINGS[1])
     assert torch.allclose(subject, weights)
+    # the first release's long labels (issue 23: truncated in the widget) still mean the same
+    assert torch.allclose(masks_to_weights(mask, images, 16, "background (Load Image: transparent = 1)"), weights)
+    assert torch.allclose(masks_to_weights(1 - mask, images, 16, "subject (segmentation: subject = 1)"), weights)
     # one mask for a whole batch, of another size (Load Image's 64×64 empty mask): broadcast, resized
     assert float(masks_to_weights(torch.zeros(1, 64, 64), images, 16).min()) == 1
     with pytest.raises(InputError, match="one per image"):
         masks_to_weights(torch.zeros(3, 32, 32), images, 16)
     with pytest.raises(InputError, match="mask_means"):
         masks_to_weights(mask, images, 16, "whatever")
+
+
+def test_load_basis_bank_lists_no_hidden_file(monkeypatch):
+    """Issue 23: ComfyUI lists hidden files too; a `.x.safetensors` (or one in a hidden folder) is
+    not offered as a bank."""
+    import sys
+    import types
+
+    from nodes.operations import bank_files
+
+    names = ["a.safetensors", ".hidden.safetensors", "...safetensors", "sub/b.safetensors", ".git/c.safetensors",
+             "sub/.d.safetensors"]
+    fake = types.SimpleNamespace(folder_names_and_paths={"seqlora": ([], {".safetensors"})},
+                                 get_filename_list=lambda folder: list(names))
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    assert bank_files() == ["a.safetensors", "sub/b.safetensors"]

@@ -37,6 +37,25 @@ def test_licence_is_apache_2_with_a_notice_of_shipped_third_party_data():
     shipped = [p for p in (ROOT / "seqlora_core" / "hosts" / "data").iterdir()]
     assert shipped and all(f"seqlora_core/hosts/data/{p.name}" in notice for p in shipped)
     assert "seqlora_core/hosts/configs" in notice
+    examples = [p for p in (ROOT / "example_inputs").rglob("*") if p.suffix in (".jpg", ".png")]
+    assert examples and all(p.name in notice or f"{p.parent.name}/*" in notice for p in examples)
+
+
+def test_the_example_inputs_are_small_and_copied_without_replacing_anything(tmp_path):
+    """Issue 23: the example workflows' inputs ship with the pack and reach ComfyUI's input folder;
+    a file of the same name there is the user's and is kept."""
+    from nodes.examples import copy_examples, example_files
+
+    files = example_files()
+    assert {"seqlora_chelsea.jpg", "seqlora_sketch.png"} <= {p.as_posix() for p in files}
+    assert sum(p.parent.name == "seqlora_coffee" for p in files) >= 3
+    assert all((ROOT / "example_inputs" / p).stat().st_size < 100_000 for p in files)
+    (tmp_path / "seqlora_chelsea.jpg").write_bytes(b"the user's own")
+    copied = copy_examples(tmp_path)
+    assert (tmp_path / "seqlora_chelsea.jpg").read_bytes() == b"the user's own"
+    assert sorted(copied) == sorted(p for p in files if p.as_posix() != "seqlora_chelsea.jpg")
+    assert all((tmp_path / p).read_bytes() == (ROOT / "example_inputs" / p).read_bytes() for p in copied)
+    assert copy_examples(tmp_path) == []
 
 
 def test_the_pack_needs_nothing_but_what_comfyui_ships():

@@ -7,7 +7,12 @@ inside :class:`BankSession`:
    ``msvcrt.locking`` on Windows; the OS releases it when the process dies, so there are no
    stale locks; temp files a writer killed mid-save left of this bank are removed then). A second
    writer waits (``wait=True``, the CLI's ``--wait``) or is refused with
-   one sentence naming the holder (:class:`BankBusy`);
+   one sentence naming the holder (:class:`BankBusy`). On POSIX the holder removes the lock file
+   as it releases it (no empty ``.lock`` file is left beside a bank): it unlinks the file while
+   still holding the lock, and a writer that then gets the lock of that unlinked file sees that
+   the path no longer names the file it locked and locks the file now there instead, so two
+   writers never hold "the" lock at once. (On Windows an open file cannot be unlinked; the empty
+   file stays, and a ``.lock`` file is never listed as a bank.)
 2. it reads the bank under the lock and remembers the file's identity (device, inode, size,
    modification time);
 3. ``commit`` checks, still under the lock, that the file on disk is the one it read; if not (a
@@ -77,6 +82,20 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``: a holder that released the lock
+    unlinked it, and its lock then guards nothing (the next writer creates a new file there).
+    Always True on Windows, where lock files are never unlinked."""
+    if os.name == "nt":
+        return True
+    try:
+        on_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_path.st_dev, on_path.st_ino)
+
+
 def _holder(lock: Path) -> str:
     try:
         info = json.loads(lock.read_text() or "{}")
@@ -100,23 +119,31 @@ class BankLock:
         temp files: no other SeqLoRA writer of the bank can be running while we hold the lock).
         A place where the lock file cannot be created (a full disk, a read-only or absent folder)
         is one BankError sentence."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise BankError(f"Cannot use {self.bank} as a bank: no lock file can be created beside it "
-                            f"({why(exc)}); the bank was left as it was.") from None
         start = time.monotonic()
-        while not _try_lock(fd):
+        while True:
+            fd = self._open()
+            if _try_lock(fd):
+                if _still_named(fd, self.path):
+                    break
+                os.close(fd)  # the last holder removed that file as it released it: lock the one there now
+                continue
+            os.close(fd)
             timed_out = self.timeout_s is not None and time.monotonic() - start > self.timeout_s
             if not self.wait or timed_out:
-                os.close(fd)
                 raise BankBusy(f"{self.bank.name} is in use ({_holder(self.path)}); try again when it is "
                                "done, or pass --wait to wait for it.")
             time.sleep(self.poll_s)
         self._fd = fd
         self._write_holder()
         remove_stale_temps(self.bank)
+
+    def _open(self) -> int:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise BankError(f"Cannot use {self.bank} as a bank: no lock file can be created beside it "
+                            f"({why(exc)}); the bank was left as it was.") from None
 
     def _write_holder(self) -> None:
         """Who holds the lock, for a refused second writer's message; best effort: a full disk
@@ -133,7 +160,10 @@ class BankLock:
         if self._fd is None:
             return
         try:
-            os.ftruncate(self._fd, 0)
+            if os.name == "nt":
+                os.ftruncate(self._fd, 0)
+            else:
+                os.unlink(self.path)  # still under the lock: see _still_named
         except OSError:
             pass
         os.close(self._fd)  # closing the descriptor releases flock / msvcrt locks

@@ -19,13 +19,18 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9 _.()-]+$")
 SUFFIX = ".safetensors"
 
 
-def check_bank_name(name: str) -> str | None:
-    """None if ``name`` can be a bank file name (no folder part), else the one sentence saying why not."""
+def check_bank_name(name: str, what: str = "Bank name") -> str | None:
+    """None if ``name`` can be a bank file name (no folder part), else the one sentence saying why not
+    (``what``: how the sentence names it, e.g. "LoRA name" for Export LoRA). A name starting with
+    a dot is refused too: ``..`` or ``.hidden`` would write a hidden file (``...safetensors``) that
+    a file browser hides and that nobody meant."""
     stem = name.strip()
     if stem.endswith(SUFFIX):
         stem = stem[: -len(SUFFIX)]
     if not stem or not SAFE_NAME.match(stem):
-        return f"Bank name '{name}' may only use letters, digits, spaces and _ . ( ) -."
+        return f"{what} '{name}' may only use letters, digits, spaces and _ . ( ) -."
+    if stem.startswith("."):
+        return f"{what} '{name}' may not start with a dot (that makes a hidden file)."
     return None
 
 

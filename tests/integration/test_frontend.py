@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .browser import CHROMIUM, EXAMPLES, frontend_page, node_rectangles, overlapping
+from .browser import CHROMIUM, EXAMPLES, frontend_page, link_crossings, node_rectangles, overlapping
 from .helpers import CKPT_NAME, ROOT
 
 QUICK = {"SeqLoRATrainConcept": {"steps": 2, "bilevel_iters": 1, "resolution": 64, "sample_steps": 1},
@@ -89,8 +89,10 @@ def test_panel_renders_and_follows_training(comfy_server, comfy_path, photo):
 
 
 def test_example_workflows_open_tidy(comfy_server):
-    """Every UI example loads in the real frontend with no two nodes overlapping, in groups, with a
-    note saying what to change."""
+    """Every UI example loads in the real frontend with no two nodes overlapping, no link drawn
+    across a node's body (issue 23), in groups, with a note saying what to change; the regional
+    example's adapter nodes are bypassed (it runs without the adapter models) and its note says
+    which models they need."""
     pytest.importorskip("playwright.sync_api", reason="Playwright is not installed in this Python")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
@@ -103,8 +105,14 @@ def test_example_workflows_open_tidy(comfy_server):
             api = json.loads((ROOT / "workflows" / f"{name}_api.json").read_text())
             assert {str(r["id"]) for r in rects} >= set(api), name  # every node of the API file is there
             assert not overlapping(rects), (name, overlapping(rects))
+            assert not link_crossings(page), (name, link_crossings(page))
+            bypassed = {n["id"] for n in ui["nodes"] if n.get("mode") == 4}
+            assert bypassed == {int(i) for i in EXAMPLES[name].get("bypass", [])}, name
             assert any(r["type"] == "Note" for r in rects), name
             assert len(ui["groups"]) >= 2, name
+    note = next(n for n in json.loads((ROOT / "workflows" / "regional_sketch_keypose.json").read_text())["nodes"]
+                if n["type"] == "Note")["widgets_values"][0]
+    assert "t2iadapter_sketch_sd15.safetensors" in note and "t2iadapter_keypose_sd15.safetensors" in note
 
 
 def test_box_editor_draws_moves_resizes_and_picks(comfy_server, comfy_path, stream_bank):
