@@ -49,3 +49,30 @@ def test_trained_concepts_carry_statistics_through_the_file(stream_bank, tmp_pat
             assert torch.equal(values, before.stats[layer][0]) and torch.equal(vectors, before.stats[layer][1])
             assert float(values[0]) > 0 and bool((values[:-1] >= values[1:]).all())
         assert after.hash == before.hash
+
+
+def test_accumulating_reads_nothing_back_from_the_device(monkeypatch):
+    """Issue 19 item 6a: the hooks used to call ``bool(torch.isfinite(gram).all())`` per layer and
+    minibatch, a device sync each on a GPU. Every Python read-back of a tensor value is counted
+    while the hooks run: there must be none; a non-finite pass still counts for nothing."""
+    torch.manual_seed(0)
+    layers = {f"l{i}": nn.Linear(4, 4) for i in range(3)}
+    reads = []
+    for method in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, method)
+
+        def counting(self, *args, _original=original, _method=method, **kwargs):
+            reads.append(_method)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, method, counting)
+    xs = [torch.randn(3, 4) for _ in range(4)]
+    with ActivationStats(layers) as stats:
+        for x in xs:
+            for layer in layers.values():
+                layer(x)
+        layers["l0"](torch.full((2, 4), float("inf")))  # an overflowed pass: skipped
+    assert reads == []
+    monkeypatch.undo()
+    rows = torch.cat(xs).double()
+    for name in layers:
+        assert torch.allclose(stats.second_moment(name), rows.T @ rows / rows.shape[0], atol=1e-10)

@@ -14,7 +14,10 @@ so a concept's statistics cost about as much as its factors at rank 4.
 
 The trainer arms the accumulator for the first forward pass of every minibatch (the later passes
 of the bilevel iteration see the same images and prompts), so statistics cost one m × m
-accumulation per layer and minibatch and nothing else.
+accumulation per layer and minibatch and nothing else. It never reads a value back while
+training: the skip of a non-finite pass and the row count are device tensors too, so a GPU's queue
+is not drained once per layer and minibatch (``bool(t)``, ``float(t)``, ``t.item()`` wait for
+every kernel queued before them); the one read-back is in ``second_moment``, after training.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ class ActivationStats:
         self.layers = dict(layers)
         self.armed = True
         self.sums: dict[str, Tensor] = {}  # layer → (m, m) float64, on the layer's device
-        self.rows: dict[str, int] = {}
+        self.rows: dict[str, Tensor] = {}  # layer → () float64 row count, on the layer's device
         self._handles: list = []
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -47,13 +50,16 @@ class ActivationStats:
             with torch.no_grad():
                 x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
                 gram = x.T @ x
-                if not bool(torch.isfinite(gram).all()):  # a low-precision pass that overflowed: skip it
-                    return
+                # a low-precision pass that overflowed counts for nothing; decided on the device
+                # (torch.where, not an ``if``), so no value is read back here
+                finite = torch.isfinite(gram).all()
+                gram = torch.where(finite, gram, torch.zeros((), dtype=gram.dtype, device=gram.device))
+                rows = finite.to(torch.float64) * x.shape[0]
                 if name in self.sums:
                     self.sums[name] += gram
+                    self.rows[name] += rows
                 else:
-                    self.sums[name] = gram
-                self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+                    self.sums[name], self.rows[name] = gram, rows
         return hook
 
     def __enter__(self) -> "ActivationStats":
@@ -71,7 +77,7 @@ class ActivationStats:
         """Σ = E[x xᵀ] of one layer, (m, m) float64 on the CPU."""
         if name not in self.sums:
             raise KeyError(f"no inputs were recorded for layer {name}")
-        return (self.sums[name] / max(self.rows[name], 1)).cpu()
+        return (self.sums[name] / self.rows[name].clamp_min(1)).cpu()
 
     def top_eigenpairs(self, q: int = DEFAULT_Q) -> Eigenpairs:
         """Per recorded layer the q largest eigenpairs of Σ (eigenvalues descending, ≥ 0)."""
