@@ -6,6 +6,11 @@ swaps the learned vectors in at their positions, keeping the autograd graph to t
 removed when ``encode`` returns, so a host's own text encoder (A1111's is the one it generates
 with) is left exactly as it was. Used by the diffusers host and by A1111 (whose text encoder is
 the same transformers model).
+
+Training encodes the same few prompts (the trainer's templates around one token) on every pass;
+their ids are cached per (prompt, concept tokens), so the Python tokenizer runs once per distinct
+prompt instead of once per pass. Adding a concept token to the tokenizer changes how text splits
+into pieces, so the cache is emptied whenever one is added.
 """
 from __future__ import annotations
 
@@ -22,11 +27,13 @@ class TokenInjector:
         self._ids: dict[str, int] = {}  # concept token → id in the tokenizer
         self._active: dict[int, Tensor] = {}  # token id → (1, d) vector during one encode
         self._seen: Tensor | None = None
+        self._cached_ids: dict[tuple[str, frozenset[str]], Tensor] = {}  # (prompt, tokens) → (77,) ids
 
     def token_id(self, token: str) -> int:
         if token not in self._ids:
             self.tokenizer.add_tokens([token])
             self._ids[token] = self.tokenizer.convert_tokens_to_ids(token)
+            self._cached_ids.clear()  # the new token changes how prompts split into pieces
         return self._ids[token]
 
     def _clamp_ids(self, module: nn.Module, inputs: tuple):
@@ -43,10 +50,16 @@ class TokenInjector:
         return output
 
     def input_ids(self, prompts: list[str], embeddings: dict[str, Tensor]) -> Tensor:
+        """(b, 77) ids; prompts seen before with the same concept tokens are not tokenized again."""
         for token in embeddings:
             self.token_id(token)
-        return self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
-                              return_tensors="pt").input_ids
+        tokens = frozenset(embeddings)
+        missing = list(dict.fromkeys(p for p in prompts if (p, tokens) not in self._cached_ids))
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids
+            self._cached_ids.update({(p, tokens): row for p, row in zip(missing, ids)})
+        return torch.stack([self._cached_ids[(p, tokens)] for p in prompts])
 
     def encode(self, text_encoder: nn.Module, prompts: list[str], embeddings: dict[str, Tensor], device) -> Tensor:
         """(b, 77, d) last hidden state with the concept tokens' vectors in place."""
