@@ -11,7 +11,11 @@ import contextlib
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
 
 @runtime_checkable
@@ -66,15 +70,42 @@ def frozen_parameters(*modules: nn.Module):
             p.requires_grad_(True)
 
 
+class MathAttention(TorchFunctionMode):
+    """torch's scaled_dot_product_attention on its composite (math) kernel, in this thread only.
+
+    ``torch.nn.attention.sdpa_kernel`` would do it by flipping torch's process-wide backend flags
+    (``torch._C._set_sdp_use_flash`` …; torch 2.13, torch/nn/attention/__init__.py): a generation
+    running beside a training in another thread (ComfyUI and A1111 run them in worker threads)
+    would lose its fused kernels for as long as the pass runs, and two threads entering and leaving
+    it in turn could leave the flags off for good. A torch-function mode lives on the calling
+    thread's mode stack, so only the calls made inside this context by this thread — our own
+    pass — are routed to ``aten::_scaled_dot_product_attention_math``, the op the dispatcher
+    itself runs for SDPBackend.MATH (a boolean mask first turned into an additive one, as the
+    dispatcher's ``convert_boolean_attn_mask`` does). Checkpointed blocks re-enter the pass's
+    context when they recompute, so recomputations in autograd's threads are covered too.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _SDPA:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        bound = dict(zip(names, args), **kwargs)
+        query, key, value = bound["query"], bound["key"], bound["value"]
+        mask = bound.get("attn_mask")
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill(mask.logical_not(), float("-inf"))
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            query, key, value, mask, bound.get("dropout_p", 0.0), bound.get("is_causal", False),
+            scale=bound.get("scale"), **({"enable_gqa": True} if bound.get("enable_gqa") else {}))[0]
+
+
 def math_attention() -> contextlib.AbstractContextManager:
-    """torch's scaled_dot_product_attention restricted to its composite (math) kernel.
+    """torch's scaled_dot_product_attention restricted to its composite (math) kernel, for the
+    calling thread only (:class:`MathAttention`).
 
     The fused flash / memory-efficient kernels have no double backward; the math kernel is
     built from differentiable ops, so a graph recorded inside this context can be
     differentiated twice. Only the one pass that needs it pays for it.
     """
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.2
-        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
-    return sdpa_kernel([SDPBackend.MATH])
+    return MathAttention()
