@@ -196,12 +196,12 @@ class ComfyHost:
             return
         if not self._loaded:
             self._load()
-        stack = contextlib.ExitStack()
-        if self._in_training:
-            stack.enter_context(trainable_weights(self.unet, self.text))
-            stack.enter_context(autograd_safe_layer_norms(self.text))
-            stack.enter_context(interruptible(self.unet, self.text))
-        self._passes = stack
+        with contextlib.ExitStack() as stack:  # undone at once if any part fails
+            if self._in_training:
+                stack.enter_context(trainable_weights(self.unet, self.text))
+                stack.enter_context(autograd_safe_layer_norms(self.text))
+                stack.enter_context(interruptible(self.unet, self.text))
+            self._passes = stack.pop_all()
 
     def end_passes(self) -> None:
         """Put the original weights back before anything enters Comfy's loader, which may move them
@@ -212,6 +212,7 @@ class ComfyHost:
 
     @contextlib.contextmanager
     def _training_session(self):
+        self.end_passes()  # passes run before training() had no aliases: the first one inside makes them
         self._in_training = True
         try:
             yield

@@ -224,3 +224,29 @@ def test_training_loads_the_models_a_fixed_number_of_times(comfy_setup, pixels):
     assert all(c.memory_required == comfy_setup[0].TRAINING_MEMORY for c in unet_loads)
     assert [c for c in long if vae.patcher in c.models] == [long[1]]  # every image in one encode
     assert not any(c.during_passes for c in long)  # never while the weights are aliased
+
+
+def test_passes_alias_only_inside_training_and_the_originals_come_back(comfy_setup, pixels):
+    """Passes before ``training()`` run without aliases; inside it the first pass swaps inference
+    weights for aliases (comfy_host.trainable_weights) and the end of training puts them back."""
+    comfy_host, model, clip, vae, loads, box = comfy_setup
+    layer = nn.Linear(3, 3)
+    with torch.inference_mode():
+        weight = torch.ones(3, 3)
+    layer._parameters["weight"] = original = nn.Parameter(weight, requires_grad=False)
+    host = comfy_host.ComfyHost(model, clip, vae)
+    host.unet.add_module("inference_layer", layer)
+    try:
+        host.ready_for_passes()  # outside training: nothing swapped
+        assert layer.weight.is_inference()
+        with host.training():
+            assert layer.weight.is_inference()  # not before the first pass
+            host.ready_for_passes()
+            assert not layer.weight.is_inference() and layer.weight.data_ptr() == weight.data_ptr()
+            host.encode_images(torch.zeros(1, 3, 64, 64))  # Comfy's loader next: originals back first
+            assert layer.weight is original
+            host.ready_for_passes()
+            assert not layer.weight.is_inference()
+        assert layer.weight is original
+    finally:
+        del host.unet.inference_layer
