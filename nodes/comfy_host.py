@@ -31,7 +31,8 @@ Thin by design: layer names come from ``seqlora_core.hosts.naming``, the algorit
   instead of copying each pass's conditioning to the CPU and back.
 * Comfy picks its attention kernel at import time; the differentiable pass swaps in
   ``attention_basic`` (plain matmul/softmax, with double backward) and torch's math SDPA kernel.
-* Concept tokens are fed through :class:`nodes.concept_tokenizer.ConceptTokenizer`.
+* Concept tokens are fed through :class:`nodes.concept_tokenizer.ConceptTokenizer`; each prompt is
+  tokenized once per training and each pass's live vectors put into the cached tokens (``_tokens``).
 """
 from __future__ import annotations
 
@@ -150,6 +151,26 @@ def interruptible(unet: nn.Module, text: nn.Module):
             h.remove()
 
 
+def _row_index(row: Tensor) -> int:
+    """x for a row view ``base[x]`` of a 2-D tensor (ValueError for anything else)."""
+    base = row._base
+    if base is None or base.dim() != 2 or row.dim() != 1:
+        raise ValueError("not a row of a stand-in")
+    return (row.storage_offset() - base.storage_offset()) // base.stride(0)
+
+
+def _with_rows(tokens, vector_for):
+    """``tokens`` (Comfy's nested dict / list / tuple of (token, weight, …)) with every tensor
+    replaced by ``vector_for(tensor)``; everything else kept."""
+    if isinstance(tokens, Tensor):
+        return vector_for(tokens)
+    if isinstance(tokens, dict):
+        return {k: _with_rows(v, vector_for) for k, v in tokens.items()}
+    if isinstance(tokens, (list, tuple)):
+        return type(tokens)(_with_rows(v, vector_for) for v in tokens)
+    return tokens
+
+
 def is_sd15(model) -> bool:
     import comfy.supported_models
 
@@ -177,6 +198,7 @@ class ComfyHost:
         self._layers = compvis_layers(self.unet, self.text)
         self._in_training = False
         self._passes: contextlib.ExitStack | None = None  # open while passes may run (weights aliased)
+        self._token_cache: dict = {}  # (prompt, concept tokens) → tokens with stand-ins (see _tokens)
         self._load()  # the layers' weights as the passes will see them (fingerprints read them)
 
     def _load(self) -> None:
@@ -245,9 +267,25 @@ class ComfyHost:
 
     def encode_text(self, prompts: list[str], embeddings: dict[str, Tensor]) -> Tensor:
         self.ready_for_passes()
-        tokenizer = ConceptTokenizer(self.clip.tokenizer, embeddings)
-        conds = [self._encode_tokens(tokenizer.tokenize_with_weights(p)) for p in prompts]
+        conds = [self._encode_tokens(self._tokens(p, embeddings)) for p in prompts]
         return torch.cat([c[:, :77] for c in conds]).to(self.device)
+
+    def _tokens(self, prompt: str, embeddings: dict[str, Tensor]):
+        """``tokenize_with_weights`` of ``prompt`` with the live concept vectors in place, Comfy's
+        Python tokenizer run once per (prompt, concept tokens): the prompt is tokenized with
+        stand-in tensors, whose rows (``embed[x]``, sd1_clip.SDTokenizer.tokenize_with_weights)
+        are swapped for the live vectors' rows on every pass. A tokenizer that places vectors
+        some other way is simply called every pass."""
+        key = (prompt, frozenset(embeddings))
+        if key not in self._token_cache:
+            stand_ins = {t: torch.zeros(e.shape) for t, e in embeddings.items()}
+            tokens = ConceptTokenizer(self.clip.tokenizer, stand_ins).tokenize_with_weights(prompt)
+            self._token_cache[key] = (tokens, {id(v): t for t, v in stand_ins.items()}, stand_ins)
+        tokens, token_of, _ = self._token_cache[key]
+        try:
+            return _with_rows(tokens, lambda row: embeddings[token_of[id(row._base)]][_row_index(row)])
+        except (KeyError, ValueError, IndexError):
+            return ConceptTokenizer(self.clip.tokenizer, embeddings).tokenize_with_weights(prompt)
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         """One ``VAE.encode`` (one pass through Comfy's loader) for any number of images, with the

@@ -250,3 +250,28 @@ def test_passes_alias_only_inside_training_and_the_originals_come_back(comfy_set
         assert layer.weight is original
     finally:
         del host.unet.inference_layer
+
+
+def test_prompts_are_tokenized_once_and_keep_the_live_vectors(comfy_setup, pixels, monkeypatch):
+    """Comfy's Python tokenizer runs once per distinct prompt over a whole training; the cached
+    tokens carry each pass's live concept vector (same conditioning, gradient to the vector)."""
+    comfy_host, model, clip, vae, loads, box = comfy_setup
+    calls = []
+    original = FakeSDTokenizer.tokenize_with_weights
+    monkeypatch.setattr(FakeSDTokenizer, "tokenize_with_weights",
+                        lambda self, text, *a, **k: calls.append(text) or original(self, text, *a, **k))
+    host = comfy_host.ComfyHost(model, clip, vae)
+    with host.training():
+        result = train_concept(host, None, next(iter(pixels.values())), "<tokcount>", "thing",
+                               quick_settings(steps=3, bilevel_iters=2, inner_steps=1, batch_size=2))
+        assert len(calls) == len(set(calls)) <= 6  # six prompt templates
+        d = result.concept.embedding.shape[-1]
+        vec = torch.randn(1, d, requires_grad=True)
+        prompts = ["a photo of <tokcount>", "<tokcount>"]
+        cached = host.encode_text(prompts, {"<tokcount>": vec})
+        fresh = comfy_host.ComfyHost(model, clip, vae).encode_text(prompts, {"<tokcount>": vec})
+        assert torch.allclose(cached, fresh)
+        (grad,) = torch.autograd.grad(cached.sum(), vec)
+        assert grad.abs().sum() > 0
+        other = host.encode_text(prompts, {"<tokcount>": vec * 2})
+        assert not torch.allclose(other, cached)  # the vector of this pass, not the cached one's
