@@ -70,3 +70,16 @@ def test_another_thread_keeps_its_kernels_while_a_pass_runs():
     assert observed["flags"] == (True, True)
     assert observed["double_backward"] == outside
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+
+
+def test_math_attention_follows_autocast_like_torch_sdpa():
+    """Inside autocast (A1111's half-precision passes) SDPA's inputs are cast by autocast; the
+    aten math op is not on autocast's list, so the mode casts as autocast would."""
+    q, k, v = (t.detach() for t in _qkv())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with math_attention():
+            ours = F.scaled_dot_product_attention(q, k, v)
+        with sdpa_kernel([SDPBackend.MATH]):
+            torchs = F.scaled_dot_product_attention(q, k, v)
+    assert ours.dtype == torchs.dtype == torch.bfloat16
+    assert torch.allclose(ours.float(), torchs.float(), atol=1e-2)

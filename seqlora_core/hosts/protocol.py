@@ -72,6 +72,17 @@ def frozen_parameters(*modules: nn.Module):
             p.requires_grad_(True)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast would give SDPA on ``device_type`` now (None when autocast is off)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4: CUDA-only query
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+    return None
+
+
 class MathAttention(TorchFunctionMode):
     """torch's scaled_dot_product_attention on its composite (math) kernel, in this thread only.
 
@@ -95,6 +106,10 @@ class MathAttention(TorchFunctionMode):
         bound = dict(zip(names, args), **kwargs)
         query, key, value = bound["query"], bound["key"], bound["value"]
         mask = bound.get("attn_mask")
+        dtype = _autocast_dtype(query.device.type)
+        if dtype is not None:  # autocast casts SDPA's floating inputs; the math op is not on its list
+            query, key, value = (t.to(dtype) if t.is_floating_point() else t for t in (query, key, value))
+            mask = mask.to(dtype) if mask is not None and mask.is_floating_point() else mask
         if mask is not None and mask.dtype == torch.bool:
             mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill(mask.logical_not(), float("-inf"))
         return torch.ops.aten._scaled_dot_product_attention_math(
