@@ -40,3 +40,14 @@ def test_each_distinct_prompt_is_tokenized_once_across_passes(host):
     again = injector.input_ids(prompts[0], {"<cachetok>": vec, "<cachetwo>": vec})
     assert tokenizer.calls == [prompts[0]]
     assert torch.equal(again, direct)
+
+
+def test_the_cache_is_bounded(host, monkeypatch):
+    from seqlora_core.hosts import token_injection
+
+    monkeypatch.setattr(token_injection, "MAX_CACHED_PROMPTS", 3)
+    injector = TokenInjector(CountingTokenizer(copy.deepcopy(host.tokenizer)), host.text_encoder.get_input_embeddings())
+    for i in range(10):
+        injector.input_ids([f"prompt {i}"], {})
+        assert len(injector._cached_ids) <= 3
+    assert torch.equal(injector.input_ids(["prompt 9"], {}), injector.input_ids(["prompt 9"], {}))

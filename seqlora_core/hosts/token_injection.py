@@ -18,6 +18,11 @@ import torch
 from torch import Tensor, nn
 
 
+# training draws from a handful of prompt templates; the bound only matters when a host encodes
+# many different prompts (generation) over a long session
+MAX_CACHED_PROMPTS = 256
+
+
 class TokenInjector:
     def __init__(self, tokenizer, embedding_module: nn.Module):
         self.tokenizer = tokenizer
@@ -56,6 +61,8 @@ class TokenInjector:
         tokens = frozenset(embeddings)
         missing = list(dict.fromkeys(p for p in prompts if (p, tokens) not in self._cached_ids))
         if missing:
+            if len(self._cached_ids) + len(missing) > MAX_CACHED_PROMPTS:  # a long session of other prompts
+                self._cached_ids.clear()
             ids = self.tokenizer(missing, padding="max_length", max_length=77, truncation=True,
                                  return_tensors="pt").input_ids
             self._cached_ids.update({(p, tokens): row for p, row in zip(missing, ids)})
