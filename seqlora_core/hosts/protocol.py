@@ -50,6 +50,8 @@ class Host(Protocol):
 
     # Optional: ``checkpoint_blocks() -> list[nn.Module]``, the UNet's transformer and resnet blocks
     # (``method.checkpointing.checkpoint_blocks(unet)``), needed by memory=checkpoint.
+    # Optional: ``batches_images = True`` when ``encode_images`` takes any number of images and
+    # sizes its own batches (ComfyUI): the trainer then encodes a dataset in one call.
 
 
 @contextlib.contextmanager

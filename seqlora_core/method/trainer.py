@@ -90,7 +90,11 @@ def new_bank(host: Host, eps: float = 1e-8, fingerprint: Fingerprint | None = No
 
 
 def encode_latents(host: Host, pixels: Tensor, chunk: int = 4) -> Tensor:
-    """(N, 3, R, R) in [-1, 1] → (N, 4, R/8, R/8) float32 latents, a few images at a time."""
+    """(N, 3, R, R) in [-1, 1] → (N, 4, R/8, R/8) float32 latents, a few images at a time; all in
+    one call for a host that sizes its own batches (``host.batches_images``: ComfyUI's VAE.encode
+    splits by free memory, and each call goes through Comfy's model loader once)."""
+    if getattr(host, "batches_images", False):
+        chunk = max(len(pixels), 1)
     return torch.cat([host.encode_images(pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)]).float()
 
 
