@@ -234,3 +234,16 @@ def test_load_basis_bank_lists_no_hidden_file(monkeypatch):
                                  get_filename_list=lambda folder: list(names))
     monkeypatch.setitem(sys.modules, "folder_paths", fake)
     assert bank_files() == ["a.safetensors", "sub/b.safetensors"]
+
+
+def test_quick_on_cpu_caps_size_and_length_and_says_so_but_never_grows_a_run():
+    from nodes.operations import QUICK_CPU_RESOLUTION, QUICK_CPU_STEPS, quick_cpu_settings
+    from seqlora_core.method.trainer import TrainSettings
+
+    full = TrainSettings(resolution=512, steps=200)
+    quick, note = quick_cpu_settings(full)
+    assert (quick.resolution, quick.steps) == (QUICK_CPU_RESOLUTION, QUICK_CPU_STEPS)
+    assert quick.lr_a == full.lr_a and quick.rank == full.rank  # nothing else changed
+    assert "512 px and 200" in note and "quick_on_cpu" in note
+    small = TrainSettings(resolution=64, steps=2)
+    assert quick_cpu_settings(small) == (small, "")  # already quick: unchanged, nothing said
