@@ -303,3 +303,19 @@ def test_import_lora_node_brings_a_kohya_file_into_a_bank(comfy_importable, chec
         up, down = lora[f"{kohya_key(layer)}.lora_up.weight"], lora[f"{kohya_key(layer)}.lora_down.weight"]
         assert torch.allclose(concept.A[layer] @ concept.B[layer].T, up @ down, atol=1e-6)
     assert "lost of the LoRA" in report and new_model is not model
+
+
+def test_a_second_copy_of_the_pack_does_not_stop_comfyui_starting(comfy_path, tmp_path):
+    """Two folders of the pack in custom_nodes (a renamed clone beside the first): ComfyUI starts,
+    one copy adds the nodes and the route, the other says in one warning that it adds nothing.
+    Before, the second GET on /seqlora/concepts made aiohttp refuse the routes and ComfyUI exit."""
+    nodes_dir = tmp_path / "custom_nodes"
+    nodes_dir.mkdir()
+    for name in ("SeqLoRA", "SeqLoRA_copy"):
+        (nodes_dir / name).symlink_to(ROOT, target_is_directory=True)
+    run = subprocess.run([sys.executable, "main.py", "--cpu", "--base-directory", str(tmp_path), "--quick-test-for-ci"],
+                         cwd=comfy_path, capture_output=True, text=True, timeout=600)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert log.count("another copy of the pack is already loaded") == 1, log[-3000:]
