@@ -246,9 +246,12 @@ def overlapping(rects: list[dict]) -> list[tuple]:
 
 
 def frame_workflow(page, width: int = 1800) -> None:
-    """Fit the whole loaded workflow (nodes and groups) into the view, minimap hidden."""
+    """Fit the whole loaded workflow (nodes and groups) into the view, minimap hidden, nodes drawn in
+    full at any zoom (the frontend draws bare boxes below 8 px text by default, which a screenshot
+    of a wide workflow would show)."""
     page.evaluate("""async () => {
         try { await window.app.extensionManager.setting.set('Comfy.Minimap.Visible', false); } catch (e) {}
+        try { await window.app.extensionManager.setting.set('LiteGraph.Canvas.MinFontSizeForLOD', 0); } catch (e) {}
         const g = window.app.graph, T = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
         const rects = g._nodes.map(n => [n.pos[0], n.pos[1] - T, n.size[0], n.size[1] + T])
             .concat(g._groups.map(gr => [...(gr._bounding || gr.bounding)]));
