@@ -134,7 +134,7 @@ def test_compose_in_comfyui_matches_the_diffusers_path(comfy_importable, checkpo
     figures = (f"max |cond diff| {(cond_comfy[:, :77] - cond_diff).abs().max():.2e}, "
                f"max |eps diff| {(eps_comfy - eps_diff).abs().max():.2e}, "
                f"concept effect {(eps_comfy - eps_comfy_base).abs().max():.2e}; Comfy CLIP "
-               f"{composed_clip.cond_stage_model.dtype if hasattr(composed_clip.cond_stage_model, 'dtype') else '?'}, "
+               f"{next(composed_clip.cond_stage_model.parameters()).dtype} weights, "
                f"UNet {composed_model.model.get_dtype()}, torch {torch.__version__}")
     print(figures)
     assert (cond_comfy[:, :77] - cond_diff).abs().max() < 1e-3, figures
