@@ -51,7 +51,8 @@ def _setting_input(setting: Setting):
 # How long a run takes, in the tooltips of the two settings that decide it (issue 23).
 _CPU_TIME = (f"a real SD-1.5 takes about 38 s per minibatch at 64 px on a 2-core CPU, so on a CPU "
              f"quick_on_cpu (on by default) trains {operations.QUICK_CPU_STEPS} minibatches at "
-             f"{operations.QUICK_CPU_RESOLUTION} px, about 3 minutes")
+             f"{operations.QUICK_CPU_RESOLUTION} px: about 3 minutes of training; the whole node (forecast, "
+             f"statistics, preview) took about 8 minutes on 2 cores shared with other work")
 TIME_NOTES = {
     "steps": f". Time: each minibatch is K bilevel iterations of T + 1 passes; {_CPU_TIME}; on a GPU "
              "200 minibatches at 512 px are the intended run (goal: 2 minutes on an H100; not yet measured)",
