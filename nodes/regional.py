@@ -65,9 +65,10 @@ def make_forward(module, masks: torch.Tensor, contexts: torch.Tensor, residuals:
 
     import comfy.ldm.modules.attention as attention
 
-    from seqlora_core.method.lora import lora_delta
+    from seqlora_core.method.lora import factors_on, lora_delta
 
     current = {"key": "global"}
+    on_device: dict = {}  # the factors copied to each input device once (not on every call)
 
     @contextlib.contextmanager
     def confine(key):
@@ -81,7 +82,7 @@ def make_forward(module, masks: torch.Tensor, contexts: torch.Tensor, residuals:
         out = linear(ctx)
         pair = (residuals or {}).get(current["key"], {}).get(which)
         if pair is not None:
-            out = out + lora_delta(ctx, pair[0].to(ctx.device), pair[1].to(ctx.device)).to(out.dtype)
+            out = out + lora_delta(ctx, *factors_on(on_device, (current["key"], which), pair, ctx.device)).to(out.dtype)
         return out
 
     def forward(self, x, context=None, value=None, mask=None, transformer_options={}):
@@ -132,9 +133,10 @@ def apply_regions(model, clip, regions: list[Region], width: int, height: int, b
         contexts = encode_region_prompts(clip, [r.prompt for r in regions])
     patched = model.clone()
     unet = model.model.diffusion_model
+    composed = {key: bank.composed_factors(ids) for key, ids in sets.items() if ids}  # once, not per module
     for path, module in unet.named_modules():
         if path.endswith(".attn2") and hasattr(module, "to_k"):
-            residuals_here = _module_residuals(bank, sets, path) if confined else None
+            residuals_here = _module_residuals(composed, path) if confined else None
             patched.add_object_patch(f"diffusion_model.{path}.forward",
                                      make_forward(module, masks, contexts, residuals_here))
     return patched
@@ -161,12 +163,8 @@ def _clip_for(model, clip, bank, ids: list[str]):
     return compose(model, clip, bank, ids, {})[1]
 
 
-def _module_residuals(bank, sets: dict, path: str) -> dict:
-    """Context key → {"k": factors, "v": factors} on the Comfy attn2 module at ``path``."""
-    out = {}
-    for key, ids in sets.items():
-        if not ids:
-            continue
-        composed = bank.composed_factors(ids)
-        out[key] = {which: composed.get(unet_compvis_to_canonical(f"{path}.to_{which}")) for which in ("k", "v")}
-    return out
+def _module_residuals(composed: dict, path: str) -> dict:
+    """Context key → {"k": factors, "v": factors} on the Comfy attn2 module at ``path``, from each
+    context's composed factors (``composed``: key → layer → factors, contexts naming a concept)."""
+    return {key: {which: per_layer.get(unet_compvis_to_canonical(f"{path}.to_{which}")) for which in ("k", "v")}
+            for key, per_layer in composed.items()}

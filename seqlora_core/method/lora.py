@@ -29,6 +29,19 @@ from ..hosts.protocol import autocast_dtype
 from ..linalg.factors import Factors, compose_factors  # noqa: F401 (imported from here too)
 
 
+def factors_on(cache: dict, key: tuple, pair: Factors, device: torch.device) -> Factors:
+    """``pair`` on ``device``: as it is when already there, else copied there once and kept in
+    ``cache`` under ``key + (device,)`` (composed factors live on the CPU; the input that meets
+    them may be anywhere, see the module docstring). Every holder of frozen factors uses it: the
+    hooks here, ``sampling.confined``'s spatial hooks and ComfyUI's confined cross-attention."""
+    if pair[0].device == device:
+        return pair
+    slot = key + (device,)
+    if slot not in cache:
+        cache[slot] = (pair[0].to(device), pair[1].to(device))
+    return cache[slot]
+
+
 def lora_delta(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """(x @ B) @ Aᵀ for x: (..., m) → (..., n), computed in fp32 and returned in x's dtype.
 
@@ -108,12 +121,7 @@ class LoRAHooks:
     def _composed_for(self, name: str, device: torch.device) -> Factors | None:
         """The layer's composed factors on ``device`` (copied there once, then reused)."""
         pair = self.composed.get(name)
-        if pair is None or pair[0].device == device:
-            return pair
-        key = (self._active, name, device)
-        if key not in self._composed_on:
-            self._composed_on[key] = (pair[0].to(device), pair[1].to(device))
-        return self._composed_on[key]
+        return None if pair is None else factors_on(self._composed_on, (self._active, name), pair, device)
 
     def remove(self) -> None:
         for handle in self._handles:

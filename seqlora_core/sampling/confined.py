@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..bank.format import Bank
 from ..hosts.naming import TEXT_INPUT_LAYERS
-from ..method.lora import LoRAHooks, lora_delta
+from ..method.lora import LoRAHooks, factors_on, lora_delta
 from .regions import Region, RegionalState
 
 from ..settings import DEFAULT_RESIDUALS, RESIDUAL_MODES  # noqa: F401 (here for the sampling code)
@@ -89,12 +89,7 @@ class SpatialConfinement:
 
     def _pair(self, ident: str, name: str, device) -> tuple[Tensor, Tensor] | None:
         pair = self.factors[ident].get(name)
-        if pair is None:
-            return None
-        key = (ident, name, device)
-        if key not in self._on:
-            self._on[key] = (pair[0].to(device), pair[1].to(device))
-        return self._on[key]
+        return None if pair is None else factors_on(self._on, (ident, name), pair, device)
 
     def concept_weight(self, ident: str, tokens: int, batch: int, device, dtype) -> Tensor:
         """(b, N) weight of concept ``ident`` at a layer with ``tokens`` positions."""
