@@ -63,13 +63,18 @@ class ImportResult:
         return sum(f.energy for f in self.fits.values())
 
     def lost_share(self, part: str = "all") -> float:
-        """Share of the LoRA's ΔW energy (summed over the imported layers) lost to the projection
-        (``projection``), to the rank cut (``rank``) or to both (``all``)."""
-        if self.energy <= 0:
-            return 0.0
-        pick = {"projection": lambda f: f.lost_projection, "rank": lambda f: f.lost_rank,
-                "all": lambda f: f.lost_projection + f.lost_rank}[part]
-        return sum(pick(f) for f in self.fits.values()) / self.energy
+        return lost_share(self.fits, part)
+
+
+def lost_share(fits: dict[str, LayerFit], part: str = "all") -> float:
+    """Share of the LoRA's ΔW energy (summed over the imported layers) lost to the projection
+    (``projection``), to the rank cut (``rank``) or to both (``all``)."""
+    energy = sum(f.energy for f in fits.values())
+    if energy <= 0:
+        return 0.0
+    pick = {"projection": lambda f: f.lost_projection, "rank": lambda f: f.lost_rank,
+            "all": lambda f: f.lost_projection + f.lost_rank}[part]
+    return sum(pick(f) for f in fits.values()) / energy
 
 
 def _host_layer_for(lora: LoRAFile, host_layers: dict) -> tuple[dict[str, list[LayerUpdate]], list[str]]:
@@ -233,8 +238,7 @@ def import_lora(host: Host, bank: Bank, lora: LoRAFile, token: str, trigger: str
             token_from = f"{TOKEN_STEPS} textual-inversion steps on {len(pixels)} image(s), from {token_from}"
     settings = {"source": lora.name, "source_sha256": lora.sha256, "layout": lora.layout, "strength": strength,
                 "trigger": words or "", "weighting": weighting, "images": 0 if pixels is None else len(pixels),
-                "rank": rank, "lost": round(sum(f.lost_projection + f.lost_rank for f in fits.values())
-                                            / max(sum(f.energy for f in fits.values()), 1e-300), 6)}
+                "rank": rank, "lost": round(lost_share(fits), 6)}
     concept = Concept(id=ident, token=token, init_word=words or "", rank=rank, method=IMPORTED, A=a, B=b,
                       embedding=vector, settings=settings, stats=kept_stats, author=author,
                       lease=bank.confined_to)
