@@ -137,6 +137,21 @@ def default_resolution(host) -> int:
     return 64 if host.architecture() == "sd15-tiny" else 512
 
 
+def _bank_on(host, bank, allow_other_base: bool, eps: float | None = None):
+    """The bank a writer extends on ``host``: a new one (with ``eps``) where there is none, else
+    ``bank`` checked against the host's base, and with ``allow_other_base`` re-recorded for it."""
+    from ..bank.fingerprint import base_fingerprint
+    from ..method.trainer import new_bank
+
+    fingerprint = base_fingerprint(host.linear_layers())
+    if bank is None:
+        return new_bank(host, fingerprint=fingerprint, **({} if eps is None else {"eps": eps}))
+    bank.check_base(host.architecture(), fingerprint, allow_other_base)
+    if allow_other_base:
+        bank.base.update(fingerprint.base_fields())
+    return bank
+
+
 @contextlib.contextmanager
 def step_bar(desc: str):
     """A ``progress(step, total, loss)`` callback drawing a tqdm bar on stderr; the bar opens at the
@@ -160,11 +175,10 @@ def step_bar(desc: str):
 
 def cmd_train(args) -> None:
     from ..bank.format import Bank
-    from ..bank.fingerprint import base_fingerprint
     from ..bank.lock import BankSession
     from ..bank.provenance import author_or_env
     from .images import load_images_and_masks
-    from ..method.trainer import new_bank, train_concept
+    from ..method.trainer import train_concept
 
     bank_path = Path(args.bank)
     # the bank is read under its lock, held until the result is written (no lost concept)
@@ -172,12 +186,7 @@ def cmd_train(args) -> None:
         bank = session.bank
         (bank or Bank({})).check_new_token(args.token)  # before the model loads
         host = _load_host(args)
-        if bank is None:
-            bank = new_bank(host, train_settings({"eps": args.eps}).eps)
-        else:
-            bank.check_base(host.architecture(), base_fingerprint(host.linear_layers()), args.allow_other_base)
-            if args.allow_other_base:
-                bank.base.update(base_fingerprint(host.linear_layers()).base_fields())
+        bank = _bank_on(host, bank, args.allow_other_base, train_settings({"eps": args.eps}).eps)
         given = {s.name: getattr(args, s.name) for s in TRAINING_SETTINGS}
         settings = train_settings({**given, "eps": bank.eps,
                                    "resolution": args.resolution or default_resolution(host)})
@@ -317,12 +326,10 @@ def cmd_bank_merge(args) -> None:
 
 
 def cmd_bank_import(args) -> None:
-    from ..bank.fingerprint import base_fingerprint
     from ..bank.format import Bank
     from ..bank.lock import BankSession
     from ..bank.lora_file import read_lora_file
     from ..bank.provenance import author_or_env
-    from ..method.trainer import new_bank
     from .images import load_images
     from .import_lora import import_lora, report_lines
 
@@ -334,12 +341,7 @@ def cmd_bank_import(args) -> None:
         bank = session.bank
         (bank or Bank({})).check_new_token(args.token)
         host = _load_host(args)
-        if bank is None:
-            bank = new_bank(host)
-        else:
-            bank.check_base(host.architecture(), base_fingerprint(host.linear_layers()), args.allow_other_base)
-            if args.allow_other_base:
-                bank.base.update(base_fingerprint(host.linear_layers()).base_fields())
+        bank = _bank_on(host, bank, args.allow_other_base)
         pixels = None
         if args.images:
             pixels = load_images([args.images], args.resolution or default_resolution(host))
