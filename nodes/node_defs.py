@@ -21,6 +21,7 @@ from .server_events import send
 log = logging.getLogger("seqlora")
 CATEGORY = "SeqLoRA"
 BasisBank = io.Custom("BASIS_BANK")
+FoundRegions = io.Custom("SEQLORA_REGIONS")
 BANK_TIP = "a SeqLoRA bank: concepts with orthogonal bases, their LoRA factors and tokens"
 
 
@@ -472,7 +473,10 @@ class RegionalConcepts(io.ComfyNode):
                     io.Combo.Input("residuals", options=list(RESIDUAL_MODES), default=DEFAULT_RESIDUALS, optional=True,
                                    tooltip="confined (with a bank): each region's prompt and its keys and values "
                                            "get only the concepts it names, so two characters do not blend; "
-                                           "global: the model's composed concepts act on every prompt")],
+                                           "global: the model's composed concepts act on every prompt"),
+                    FoundRegions.Input("found_regions", optional=True,
+                                       tooltip="regions from Find Concept Regions (one per concept, no drawing); "
+                                               "boxes and masks drawn here win where they overlap")],
             outputs=[io.Model.Output(display_name="model", tooltip="the model with regional cross-attention")],
         )
 
@@ -482,7 +486,8 @@ class RegionalConcepts(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, regions, mask_1=None, mask_1_prompt="", mask_2=None, mask_2_prompt="", bank=None,
-                residuals=DEFAULT_RESIDUALS):
+                residuals=DEFAULT_RESIDUALS, found_regions=None):
+        from seqlora_core.sampling.auto_regions import cut_out
         from seqlora_core.sampling.regions import Region
 
         from .regional import apply_regions, parse_regions_json
@@ -491,10 +496,54 @@ class RegionalConcepts(io.ComfyNode):
         for mask, prompt in ((mask_1, mask_1_prompt), (mask_2, mask_2_prompt)):
             if mask is not None and prompt.strip():
                 boxes.append(Region(prompt.strip(), mask=mask[0].float().cpu()))
+        if found_regions:
+            boxes += cut_out(found_regions, boxes, (height, width))
         operations.check_model(model)
         if bank is not None:
             bank = operations.check_bank_for(bank, model)
         return io.NodeOutput(apply_regions(model, clip, boxes, width, height, bank, residuals))
+
+
+class FindConceptRegions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="SeqLoRAFindConceptRegions", display_name="Find Concept Regions", category=CATEGORY,
+            description="Regions without drawing: samples the first quarter of the steps with every concept the "
+                        "prompt names and reads where each concept's token attends; one region per concept for "
+                        "Regional Concepts, and their masks to preview. Refuses in one sentence when two concepts "
+                        "attend to the same place (draw boxes then). Use the seed and sampler of your KSampler.",
+            inputs=[io.Model.Input("model", tooltip="the model straight from the checkpoint loader"),
+                    io.Clip.Input("clip", tooltip="the CLIP straight from the checkpoint loader"),
+                    BasisBank.Input("bank", tooltip="the bank whose concepts the prompt names by their tokens"),
+                    io.String.Input("prompt", multiline=True, default="a photo of <chelsea> and <coffee>",
+                                    tooltip="the prompt of the picture, naming two or more concepts by their tokens"),
+                    io.String.Input("negative", multiline=True, default="", tooltip="the negative prompt"),
+                    io.Latent.Input("latent", tooltip="the latent the KSampler will start from (its size)"),
+                    io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                                 tooltip="the KSampler's seed: the regions are found on the same noise"),
+                    io.Int.Input("steps", default=20, min=1, max=10000,
+                                 tooltip="the KSampler's steps; the first quarter of them are sampled here"),
+                    io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="the KSampler's cfg"),
+                    io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                                   tooltip="the KSampler's sampler"),
+                    io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                                   tooltip="the KSampler's scheduler")],
+            outputs=[FoundRegions.Output(display_name="found_regions",
+                                         tooltip="one region per concept: the whole prompt with that concept only"),
+                     io.Mask.Output(display_name="masks", tooltip="each concept's region, one mask per concept "
+                                                                  "(connect a mask preview to look at them)")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, bank, prompt, negative, latent, seed, steps, cfg, sampler_name, scheduler):
+        from .auto_regions import find_regions
+
+        regions, masks = find_regions(model, clip, bank, prompt, negative, latent, seed, steps, cfg, sampler_name,
+                                      scheduler)
+        return io.NodeOutput(regions, masks)
 
 
 class DrawKeypose(io.ComfyNode):
@@ -528,4 +577,4 @@ class DrawKeypose(io.ComfyNode):
 
 
 NODES = [TrainConcept, LoadImageFolder, LoadBasisBank, SaveBasisBank, BasisBankInfo, MergeBasisBanks, ComposeConcepts,
-         RemoveConcept, ExportLoRA, RegionalConcepts, DrawKeypose, ImportLoRA]
+         RemoveConcept, ExportLoRA, RegionalConcepts, FindConceptRegions, DrawKeypose, ImportLoRA]

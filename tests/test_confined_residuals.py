@@ -126,6 +126,21 @@ def test_automatic_regions_separate_two_maps_and_refuse_what_cannot_be_told_apar
         masks_from_maps({"a": 1 - xs, "b": spot})
 
 
+def test_drawn_regions_are_cut_out_of_found_ones_at_the_scale_they_were_drawn():
+    """A box drawn in pixels over the left third takes that third from the found regions, and only
+    it (the found masks live on the latent grid, 8 × smaller)."""
+    from seqlora_core.sampling.auto_regions import found_regions
+
+    xs = torch.linspace(0, 1, 8).expand(8, 8)
+    drawn = [Region("a red square", box=(0, 0, 24, 64))]  # pixels: latent columns 0-2 of 8
+    regions = found_regions({"a": 1 - xs, "b": xs}, "a photo of <a> and <b>", {"a": "<a>", "b": "<b>"}, drawn, (64, 64))
+    assert [r.concepts for r in regions] == [["a"], ["b"]]
+    assert all(r.prompt == "a photo of <a> and <b>" for r in regions)
+    a, b = (r.mask for r in regions)
+    assert not a[:, :3].any() and a[:, 3].all()  # the drawn columns cut out, the found ones kept
+    assert b[:, 5:].all() and not (a * b).any()  # the other concept's region untouched
+
+
 def test_automatic_regions_find_the_tokens_and_need_named_concepts(host):
     from seqlora_core.sampling.auto_regions import token_positions
 

@@ -247,3 +247,21 @@ def test_quick_on_cpu_caps_size_and_length_and_says_so_but_never_grows_a_run():
     assert "512 px and 200" in note and "quick_on_cpu" in note
     small = TrainSettings(resolution=64, steps=2)
     assert quick_cpu_settings(small) == (small, "")  # already quick: unchanged, nothing said
+
+
+def test_find_concept_regions_finds_each_concepts_vectors_in_comfys_token_window():
+    """Comfy's tokenizer puts a concept's vectors in place of token ids; the positions of those
+    vectors in the first 77-token window (after the start token) are where its attention is read."""
+    from nodes.auto_regions import concept_positions
+
+    a, b = torch.randn(1, 8), torch.randn(2, 8)  # <b> has two vectors
+
+    class FakeClip:
+        tokenizer = ConceptTokenizer(FakeSD1Tokenizer(), {"<a>": a, "<b>": b})
+
+        def tokenize(self, text):  # as ComfyUI's CLIP: windows of (token, weight) after a start token
+            return {"l": [[("<start>", 1.0)] + self.tokenizer.tokenize_with_weights(text)["l"]]}
+
+    positions = concept_positions(FakeClip(), "a photo of <a> and <b>", {"<a>": a, "<b>": b}, {"ia": "<a>", "ib": "<b>"})
+    assert positions == {"ia": [4], "ib": [6, 7]}
+    assert concept_positions(FakeClip(), "a photo of <a>", {"<a>": a, "<b>": b}, {"ia": "<a>", "ib": "<b>"}) == {"ia": [4]}

@@ -14,12 +14,16 @@ steps: each region is the whole prompt with only its concept's residuals.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
+from .regions import Region
 
+AUTO_SHARE = 0.25  # the share of the steps whose attention finds the regions
 THRESHOLD = 0.3  # a position belongs to a concept when its map reaches this share of the map's maximum
 MAX_CORRELATION = 0.9  # two concepts' maps more alike than this cannot be separated
 MIN_SHARE = 0.02  # a concept must own at least this share of the picture
@@ -52,15 +56,28 @@ class AttentionMapRecorder:
         return out / attn.rescale_output_factor
 
     def _record(self, qh: Tensor, kh: Tensor, tokens: int) -> None:
-        from .regions import layer_grid
+        add_attention_maps(self.maps, qh, kh, self.rows, self.positions, self.latent_hw)
 
-        rows = torch.nonzero(self.rows.to(qh.device)).flatten()
-        probs = torch.softmax((qh[rows].float() @ kh[rows].float().transpose(-1, -2)) / qh.shape[-1] ** 0.5, dim=-1)
-        grid = layer_grid(tokens, self.latent_hw)
-        for concept, idx in self.positions.items():
-            m = probs[..., idx].sum(-1).mean(dim=(0, 1))  # (tokens,)
-            m = m.reshape(1, 1, *grid).cpu()
-            self.maps[concept] += F.interpolate(m, size=self.latent_hw, mode="bilinear", align_corners=False)[0, 0]
+
+def add_attention_maps(maps: dict[str, Tensor], qh: Tensor, kh: Tensor, rows: Tensor,
+                       positions: dict[str, list[int]], latent_hw: tuple[int, int]) -> None:
+    """Add one cross-attention layer's evidence to ``maps`` (concept → (h, w) at the latent grid):
+    the softmax attention of the conditional ``rows`` to each concept's token ``positions``, summed
+    over those positions, averaged over rows and heads, brought from the layer's grid to the latent
+    one. ``qh``: (b, heads, n, d) queries; ``kh``: (b, heads, 77, d) keys. Shared by the diffusers
+    processor above and ComfyUI's attn2 patch (``nodes/auto_regions.py``), so both read the maps
+    the same way."""
+    from .regions import layer_grid
+
+    rows = torch.nonzero(rows.to(qh.device)).flatten()
+    if not len(rows):
+        return
+    probs = torch.softmax((qh[rows].float() @ kh[rows].float().transpose(-1, -2)) / qh.shape[-1] ** 0.5, dim=-1)
+    grid = layer_grid(qh.shape[2], latent_hw)
+    for concept, idx in positions.items():
+        m = probs[..., idx].sum(-1).mean(dim=(0, 1))  # (n,)
+        m = m.reshape(1, 1, *grid).cpu()
+        maps[concept] += F.interpolate(m, size=latent_hw, mode="bilinear", align_corners=False)[0, 0]
 
 
 def token_positions(host, prompt: str, tokens: dict[str, str], embeddings: dict[str, Tensor]) -> dict[str, list[int]]:
@@ -78,6 +95,9 @@ def masks_from_maps(maps: dict[str, Tensor], names: dict[str, str] | None = None
     """Concept → (h, w) 0/1 mask: each position to the concept with the highest normalised map,
     where that map reaches THRESHOLD of its maximum. One sentence when the maps cannot be
     separated (see the module docstring)."""
+    if not maps:
+        raise InputError("None of the concepts' tokens was found within the prompt's first 75 tokens; "
+                         "move them to the front or draw a box for each.")
     names = names or {c: c for c in maps}
     ids = list(maps)
     norm = torch.stack([m / m.max().clamp_min(1e-12) for m in (maps[c] for c in ids)])  # (C, h, w)
@@ -97,4 +117,44 @@ def masks_from_maps(maps: dict[str, Tensor], names: dict[str, str] | None = None
             raise InputError(f"{names[c]} found no place of its own in the picture (under {MIN_SHARE:.0%} of it); "
                              "draw a box for it instead.")
         out[c] = mask
+    return out
+
+
+def concepts_to_find(bank, prompt: str, ids, drawn: Sequence[Region]) -> list[str]:
+    """The concepts ``prompt`` names (among ``ids``; None: all) that no drawn region already
+    places; one sentence when there are none."""
+    from .confined import named_concepts
+
+    named = named_concepts(bank, prompt, ids)
+    taken = {i for r in drawn for i in (r.concepts if r.concepts is not None else named_concepts(bank, r.prompt, ids))}
+    wanted = [i for i in named if i not in taken]
+    if not wanted:
+        raise InputError("Automatic regions need a prompt that names concepts by their tokens, e.g. "
+                         "'a photo of <chelsea> and <coffee>'.")
+    return wanted
+
+
+def found_regions(maps: dict[str, Tensor], prompt: str, names: dict[str, str], drawn: Sequence[Region],
+                  pixel_hw: tuple[int, int]) -> list[Region]:
+    """One region per concept of ``maps`` (the whole ``prompt``, that concept's residuals only),
+    its mask at the latent grid from :func:`masks_from_maps`, with the drawn regions' area (pixel
+    boxes or masks at ``pixel_hw``) cut out of it: drawn regions win."""
+    masks = masks_from_maps(maps, names)
+    return cut_out([Region(prompt, mask=m, concepts=[i]) for i, m in masks.items()], drawn, pixel_hw)
+
+
+def cut_out(found: Sequence[Region], drawn: Sequence[Region], pixel_hw: tuple[int, int]) -> list[Region]:
+    """``found`` regions (masks on any grid) less the area of the ``drawn`` ones (pixel boxes or
+    masks, at ``pixel_hw`` = (H, W)): where the user drew, the drawing wins."""
+    from dataclasses import replace
+
+    from .regions import region_masks
+
+    if not drawn:
+        return list(found)
+    covered = region_masks(drawn, *pixel_hw).sum(0).clamp(max=1)  # (H, W), as drawn
+    out = []
+    for region in found:
+        here = F.interpolate(covered[None, None], size=tuple(region.mask.shape), mode="area")[0, 0]
+        out.append(replace(region, mask=region.mask.float() * (1 - here)))
     return out

@@ -11,16 +11,13 @@ import torch
 from torch import Tensor
 
 from ..bank.format import Bank
-from ..errors import InputError
 from .control import Control, unet_control_kwargs
 from ..hosts.diffusers_host import DiffusersHost
 from ..method.lora import LoRAHooks
-from .auto_regions import AttentionMapRecorder, masks_from_maps, token_positions
+from .auto_regions import AUTO_SHARE, AttentionMapRecorder, concepts_to_find, found_regions, token_positions
 from .confined import DEFAULT_RESIDUALS, GLOBAL, SpatialConfinement, check_mode, context_concepts, define_context_sets, \
-    named_concepts, split_layers
+    split_layers
 from .regions import Region, RegionalState, region_masks, regional_unet
-
-AUTO_SHARE = 0.25  # automatic regions: the share of the steps whose attention finds them
 
 
 @torch.no_grad()
@@ -122,12 +119,7 @@ def _find_regions(host: DiffusersHost, bank: Bank, prompt: str, ids, strengths, 
     """The first steps with every named concept composed, recording where each concept's token
     attends; returns the latents after them and one region per concept no drawn region names
     (the whole prompt, that concept only; drawn regions cut out of it)."""
-    named = named_concepts(bank, prompt, ids)
-    taken = {i for r in drawn for i in (r.concepts if r.concepts is not None else named_concepts(bank, r.prompt, ids))}
-    wanted = [i for i in named if i not in taken]
-    if not wanted:
-        raise InputError("Automatic regions need a prompt that names concepts by their tokens, e.g. "
-                         "'a photo of <chelsea> and <coffee>'.")
+    wanted = concepts_to_find(bank, prompt, ids, drawn)
     embeddings = bank.embeddings(ids)
     latent_hw = (resolution // 8, resolution // 8)
     positions = token_positions(host, prompt, {i: bank.get(i).token for i in wanted}, embeddings)
@@ -138,8 +130,5 @@ def _find_regions(host: DiffusersHost, bank: Bank, prompt: str, ids, strengths, 
         host.unet.set_attn_processor({k: (recorder if ".attn2." in k else p) for k, p in saved.items()})
         stack.callback(host.unet.set_attn_processor, saved)
         latents = _denoise(host, scheduler, latents, timesteps, cond, guidance, controls)
-    masks = masks_from_maps(recorder.maps, {i: bank.get(i).token for i in recorder.maps})
-    if drawn:
-        covered = region_masks(drawn, *latent_hw).sum(0).clamp(max=1)
-        masks = {i: m * (1 - covered) for i, m in masks.items()}
-    return latents, [Region(prompt, mask=masks[i], concepts=[i]) for i in wanted if i in masks]
+    names = {i: bank.get(i).token for i in recorder.maps}
+    return latents, found_regions(recorder.maps, prompt, names, drawn, (resolution, resolution))

@@ -16,7 +16,7 @@ from .helpers import CKPT_NAME, ROOT, load_pack, pack_module, run_workflow
 
 NODES = {"SeqLoRATrainConcept": "Train Concept (SeqLoRA)", "SeqLoRALoadBasisBank": "Load Basis Bank",
          "SeqLoRASaveBasisBank": "Save Basis Bank", "SeqLoRABasisBankInfo": "Basis Bank Info",
-         "SeqLoRAComposeConcepts": "Compose Concepts"}
+         "SeqLoRAComposeConcepts": "Compose Concepts", "SeqLoRAFindConceptRegions": "Find Concept Regions"}
 
 
 def quick_example_workflow(photo: str, bank_name: str) -> dict:

@@ -130,3 +130,94 @@ def test_confined_residuals_in_comfy_cross_attention(comfy_importable):
     assert torch.equal(a[:, :, :4], b[:, :, :4])  # the left region, both rows: untouched by the right's factors
     assert not torch.allclose(a[:, :, 4:], b[:, :, 4:])
     assert not torch.allclose(a[1, :, :4], p[1, :, :4])  # the left region's own concept acts there
+
+
+def test_attention_maps_in_comfy_cross_attention_read_what_it_attends(comfy_importable):
+    """Find Concept Regions' attn2 patch: Comfy's own attention output, unchanged, and on the
+    conditional row the softmax attention to the concept's token positions, averaged over heads,
+    added to its map on the latent grid (checked against the attention computed by hand)."""
+    from comfy.ldm.modules.attention import CrossAttention
+
+    load_pack()
+    auto = importlib.import_module("seqlora_pack.nodes.auto_regions")
+    torch.manual_seed(0)
+    attn = CrossAttention(query_dim=64, context_dim=32, heads=2, dim_head=16).eval()
+    with torch.no_grad():
+        for param in attn.parameters():
+            param.normal_(0, 0.1)
+    x = torch.randn(2, 64, 64)  # batch: [uncond, cond], 8×8 latent grid
+    ctx = torch.randn(2, 77, 32)
+    maps = {"c": torch.zeros(8, 8)}
+    options = {"cond_or_uncond": [1, 0], "original_shape": [2, 4, 8, 8]}
+    with torch.no_grad():
+        out = auto.recording_forward(attn, maps, {"c": [4, 5]})(x, context=ctx, transformer_options=options)
+        plain = attn(x, context=ctx)
+        q = attn.to_q(x[1]).view(64, 2, 16).transpose(0, 1)  # (heads, n, d), the conditional row
+        k = attn.to_k(ctx[1]).view(77, 2, 16).transpose(0, 1)
+        probs = torch.softmax(q @ k.transpose(1, 2) / 4.0, dim=-1)  # (heads, n, 77)
+        expected = probs[..., [4, 5]].sum(-1).mean(0).reshape(8, 8)
+    assert torch.allclose(out, plain, atol=1e-6)
+    assert torch.allclose(maps["c"], expected, atol=1e-5), (maps["c"] - expected).abs().max()
+
+
+def test_find_concept_regions_in_comfyui_gives_regions_or_one_sentence(comfy_importable, checkpoint):
+    """The node on a real SD-1.5 checkpoint (random weights) with two concepts: either one region
+    per concept with disjoint masks, which Regional Concepts takes (confined), or the one-sentence
+    refusal — never a traceback. A prompt naming no concept is refused by name."""
+    import comfy.sample
+    import comfy.sd
+
+    from seqlora_core.bank.format import Concept
+    from seqlora_core.errors import InputError
+    from seqlora_core.method.targets import select_layers
+    from seqlora_core.method.trainer import new_bank
+
+    load_pack()
+    node_defs = importlib.import_module("seqlora_pack.nodes.node_defs")
+    operations = importlib.import_module("seqlora_pack.nodes.operations")
+    with torch.inference_mode():
+        model, clip = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=True)[:2]
+
+    class _Host:  # what new_bank reads of a host
+        def architecture(self):
+            return "sd15"
+
+        def linear_layers(self):
+            return operations.unpatched_unet_layers(model)
+
+    bank = new_bank(_Host())
+    layers = operations.model_layers(model, clip)
+    gen = torch.Generator().manual_seed(0)
+    for ident in ("left", "right"):
+        a, b = {}, {}
+        for name, layer in select_layers(layers, "default").items():
+            b[name] = bank.projector(name, layer.in_features).random_orthonormal(4, gen)
+            a[name] = 0.05 * torch.randn(layer.out_features, 4, generator=gen)
+        bank = bank.with_concept(Concept(ident, f"<{ident}>", "person", 4, "seqlora", a, b,
+                                         torch.randn(1, 768, generator=gen)))
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    find = node_defs.FindConceptRegions.execute
+    try:
+        regions, masks = find(model, clip, bank, "a photo of <left> and <right>", "", latent, 0, 4, 7.5, "euler",
+                              "normal").result
+    except InputError as exc:
+        message = str(exc)
+        print(f"Find Concept Regions refused: {message}")
+        assert "\n" not in message and ("draw a box" in message or "no place of its own" in message), message
+    else:
+        print(f"Find Concept Regions: masks of {[int(m.sum()) for m in masks]} pixels")
+        assert [r.concepts for r in regions] == [["left"], ["right"]]
+        assert masks.shape == (2, 64, 64) and not (masks[0] * masks[1]).any() and masks.sum() > 0
+        regional = node_defs.RegionalConcepts.execute(model, clip, '{"width": 64, "height": 64, "regions": []}',
+                                                      bank=bank, residuals="confined", found_regions=regions).result[0]
+        with torch.inference_mode():
+            cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo"), return_pooled=True)
+            noise = comfy.sample.prepare_noise(latent["samples"], 0)
+            out = comfy.sample.sample(regional, noise, 2, 7.5, "euler", "normal", [[cond, {"pooled_output": pooled}]],
+                                      [[cond, {"pooled_output": pooled}]], latent["samples"], seed=0, disable_pbar=True)
+        assert torch.isfinite(out).all()
+    try:
+        find(model, clip, bank, "a photo of a cat", "", latent, 0, 4, 7.5, "euler", "normal")
+        raise AssertionError("a prompt naming no concept was not refused")
+    except InputError as exc:
+        assert "names concepts" in str(exc)
