@@ -9,13 +9,23 @@ from pathlib import Path
 from .tab import TabSession, build_tab
 
 
+def diffusers_sample(factory):
+    """The tab's sampler on the diffusers host: ``sampling.generate``, so the Compose page's regions,
+    residuals mode and automatic regions mean exactly what the command line's do."""
+    from seqlora_core.sampling.generate import generate
+
+    def sample(bank, prompt, ids, strengths, size, sample_steps, **regional):  # regions, residuals, auto_regions
+        return generate(factory(), bank, prompt, ids, strengths, steps=sample_steps, resolution=size, **regional)
+
+    return sample
+
+
 def serve(base: str, bank: str, port: int, device: str = "auto", steps: int = 25,
           allow_any_path: bool = False) -> None:
     """The tab on the diffusers host, served on 127.0.0.1 only. Bank paths typed into the page
     stay inside the bank's folder unless ``allow_any_path`` (a page on localhost is still reachable
     by other users of the machine and by port forwarding)."""
     from seqlora_core.hosts.diffusers_host import DiffusersHost
-    from seqlora_core.sampling.generate import generate
 
     @functools.cache
     def factory():  # one model for the app's lifetime, loaded on first use
@@ -24,10 +34,7 @@ def serve(base: str, bank: str, port: int, device: str = "auto", steps: int = 25
     small = base in ("tiny", "toy")  # tiny's 64 px modules; toy has learned, so it gets real sampling steps
     resolution = 64 if small else 512
 
-    def sample(bank, prompt, ids, strengths, size, sample_steps):
-        return generate(factory(), bank, prompt, ids, strengths, steps=sample_steps, resolution=size)
-
-    session = TabSession(factory, Path(bank), resolution=resolution, sample=sample,
+    session = TabSession(factory, Path(bank), resolution=resolution, sample=diffusers_sample(factory), regional=True,
                          sample_steps={"tiny": 4, "toy": 20}.get(base, steps),
                          export_dir=Path(bank).resolve().parent / "exports",
                          bank_root=None if allow_any_path else Path(bank).resolve().parent)

@@ -25,7 +25,8 @@ import numpy as np
 
 from seqlora_core.bank.format import Bank, load_bank
 from seqlora_core.bank.lock import BankSession
-from seqlora_core.settings import SETTINGS_BY_NAME, TRAINING_SETTINGS, Setting, train_settings
+from seqlora_core.settings import DEFAULT_RESIDUALS, RESIDUAL_MODES, SETTINGS_BY_NAME, TRAINING_SETTINGS, Setting, \
+    train_settings
 from seqlora_core.errors import InputError, SeqLoRAError
 from seqlora_core.app.plot import loss_curve_image
 from seqlora_core.app.images import load_images_and_masks
@@ -52,6 +53,9 @@ class TabSession:
     export_dir: Path = field(default_factory=lambda: Path("out") / "exports")
     embeddings_dir: Path | None = None  # exported embeddings; None: next to the LoRA, <stem>_embeddings/
     sample: Callable | None = None  # (bank, prompt, ids, strengths, size, steps) -> PIL image
+    # whether ``sample`` also takes regions=, residuals=, auto_regions= (``sampling.generate``'s): the
+    # standalone app's does; A1111's preview goes through A1111's own txt2img, which has no regions
+    regional: bool = False
     sample_steps: int = 20  # default sampling steps of samples and previews
     job: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # host's GPU lock / job
     should_stop: Callable[[], bool] | None = None  # host's own interrupt flag
@@ -382,7 +386,8 @@ class TabActions:
         except SeqLoRAError as exc:
             return (_error(exc), None, *self.refresh())
 
-    def compose(self, ids, strengths_text, prompt, size, sample_steps):
+    def compose(self, ids, strengths_text, prompt, size, sample_steps, regions_text="", residuals=DEFAULT_RESIDUALS,
+                auto_regions=False):
         try:
             bank = self.session.bank()
             if bank is None or not ids:
@@ -394,7 +399,10 @@ class TabActions:
                 raise InputError("The preview size must be a multiple of 8, at least 64.")
             if not sample_steps or int(sample_steps) < 1:
                 raise InputError("The preview needs at least one sampling step.")
-            image = self.session.sample(bank, prompt, list(ids), strengths, int(size), int(sample_steps))
+            regional = regional_options(regions_text, residuals, auto_regions)
+            if regional and not self.session.regional:
+                raise InputError("This host's preview has no regional composition; leave the regions empty.")
+            image = self.session.sample(bank, prompt, list(ids), strengths, int(size), int(sample_steps), **regional)
             return "", np.asarray(image)
         except SeqLoRAError as exc:
             return _error(exc), None
@@ -410,6 +418,19 @@ class TabActions:
                 [str(lora)] + [str(e) for e in embeddings]
         except SeqLoRAError as exc:
             return _error(exc), None
+
+
+def regional_options(regions_text: str, residuals: str, auto_regions: bool) -> dict:
+    """The Compose page's regional fields as ``generate``'s keyword arguments ({} when there are
+    no regions and no automatic regions): one ``x0,y0,x1,y1:prompt`` box per line, in pixels of
+    the preview, as the command line's ``--region``."""
+    from seqlora_core.sampling.confined import check_mode
+    from seqlora_core.sampling.regions import parse_region
+
+    regions = [parse_region(line.strip()) for line in (regions_text or "").splitlines() if line.strip()]
+    if not regions and not auto_regions:
+        return {}
+    return {"regions": regions, "residuals": check_mode(residuals or DEFAULT_RESIDUALS), "auto_regions": bool(auto_regions)}
 
 
 def build_tab(session: TabSession):
@@ -482,6 +503,13 @@ def build_tab(session: TabSession):
             prompt = gr.Textbox(label="Prompt", value="a photo of <my-concept>", elem_id="seqlora_prompt")
             preview_size = gr.Number(label="Preview size (px)", value=session.resolution, precision=0,
                                      elem_id="seqlora_preview_size")
+            with gr.Row(visible=session.regional):  # the standalone app; A1111's preview has no regions
+                regions = gr.Textbox(label="Regions (one per line: x0,y0,x1,y1:prompt, in pixels of the preview)",
+                                     lines=3, value="", elem_id="seqlora_regions")
+                residuals = gr.Radio(label="Residuals in regions (confined: each region only the concepts it names)",
+                                     choices=list(RESIDUAL_MODES), value=DEFAULT_RESIDUALS, elem_id="seqlora_residuals")
+                auto_regions = gr.Checkbox(label="Automatic regions (from the concept tokens' attention; no boxes)",
+                                           value=False, elem_id="seqlora_auto_regions")
             with gr.Row():
                 preview_btn = gr.Button("Generate preview", elem_id="seqlora_preview_btn")
                 export_btn = gr.Button("Export LoRA", elem_id="seqlora_export")
@@ -503,8 +531,8 @@ def build_tab(session: TabSession):
         import_btn.click(actions.import_lora, [import_upload, import_path, import_token, import_trigger, import_strength],
                          [bank_status, *listing])
         interference_btn.click(actions.show_interference, None, [interference_text, interference_map])
-        preview_btn.click(actions.compose, [compose_ids, strengths, prompt, preview_size, preview_steps],
-                          [compose_status, preview])
+        preview_btn.click(actions.compose, [compose_ids, strengths, prompt, preview_size, preview_steps, regions,
+                                            residuals, auto_regions], [compose_status, preview])
         export_btn.click(actions.export, [compose_ids], [compose_status, exported])
         tab.load(actions.refresh, None, listing)
     return tab

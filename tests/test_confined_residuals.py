@@ -162,3 +162,43 @@ def test_automatic_regions_run_end_to_end_or_refuse_in_one_sentence(host, tmp_pa
                  "--out", str(tmp_path / "auto.png")])
     # random weights: the maps may not separate, which must be one clear refusal, never a traceback
     assert code == 0 and (tmp_path / "auto.png").exists() or code == 2
+
+
+def test_the_tabs_compose_page_takes_regions_in_the_standalone_app_and_refuses_them_where_it_cannot(host, tmp_path):
+    """The tab's Compose page: boxes (one per line), the residuals mode and automatic regions go to
+    ``generate`` in the standalone app and draw the same picture as the command line's path; a
+    malformed line is one sentence; a host whose preview has no regions (A1111's txt2img) refuses
+    them and is called exactly as before when none are given."""
+    from seqlora_ui.standalone import diffusers_sample
+    from seqlora_ui.tab import TabActions, TabSession
+
+    bank = _bank(host, "default")
+    path = tmp_path / "b.safetensors"
+    bank.save(path)
+    calls, sample = [], diffusers_sample(lambda: host)
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return sample(*args, **kwargs)
+
+    def actions(regional: bool) -> TabActions:
+        return TabActions(TabSession(host_factory=lambda: host, bank_path=path, resolution=RES, sample=recording,
+                                     regional=regional))
+
+    boxes = f"0,0,{RES // 2},{RES}:a photo of <left>\n{RES // 2},0,{RES},{RES}:a photo of <right>"
+    status, image = actions(True).compose(["left", "right"], "", "a photo", RES, 2, boxes, "confined", False)
+    assert status == "" and image.shape == (RES, RES, 3)
+    assert [r.box for r in calls[-1]["regions"]] == [LEFT, RIGHT] and calls[-1]["residuals"] == "confined"
+    direct = generate(host, bank, "a photo", ["left", "right"], {}, steps=2, resolution=RES,
+                      regions=[Region("a photo of <left>", box=LEFT), Region("a photo of <right>", box=RIGHT)],
+                      residuals="confined")
+    assert np.array_equal(np.asarray(direct), image)
+    status, image = actions(True).compose(["left"], "", "a photo", RES, 2, "0,0,32:a cat", "confined", False)
+    assert "x0,y0,x1,y1:prompt" in status and image is None
+    status, image = actions(True).compose(["left"], "", "a photo of <left>", RES, 2, "", "confined", False)
+    assert status == "" and calls[-1] == {}  # no regions: the host's sampler is called as before
+    status, image = actions(False).compose(["left", "right"], "", "a photo", RES, 2, boxes, "confined", False)
+    assert "no regional composition" in status and image is None
+    status, image = actions(False).compose(["left", "right"], "", "a photo of <left> and <right>", RES, 2, "",
+                                           "confined", True)
+    assert "no regional composition" in status and image is None
