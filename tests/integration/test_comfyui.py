@@ -90,7 +90,15 @@ def test_a_bank_for_another_base_is_refused(comfy_server, comfy_path, stream_ban
 
 def test_compose_in_comfyui_matches_the_diffusers_path(comfy_importable, checkpoint, photos, tmp_path):
     """A bank trained from the command line on this checkpoint, applied through Compose Concepts in
-    ComfyUI, gives the same text conditioning and UNet noise prediction as the diffusers path."""
+    ComfyUI, gives the same text conditioning and UNet noise prediction as the diffusers path.
+
+    ComfyUI keeps a CLIP's weights in fp16 even on the CPU (``text_encoder_dtype``) and writes a
+    LoRA's patch into those fp16 weights (rounded stochastically), so its conditioning differs from
+    an fp32 text encoder by that rounding, by an amount that grows with the checkpoint's and the
+    concept's magnitudes: a fixed 1e-3 passed on one build (2.0e-4) and failed on another (issue 22
+    item 6). So the composition itself is checked with the CLIP loaded in fp32 (to 1e-4), and
+    ComfyUI's own fp16 CLIP by the share of the concept's effect on the conditioning that the
+    rounding changes (under 5 %: a missing or mis-scaled patch changes all of it)."""
     import comfy.model_management as mm
     import comfy.sd
 
@@ -113,31 +121,45 @@ def test_compose_in_comfyui_matches_the_diffusers_path(comfy_importable, checkpo
     x = torch.randn(1, 4, 8, 8, generator=g)
     t = torch.tensor([500.0])
 
+    def clip_weight_dtype(clip) -> torch.dtype:  # a projection's weight (the first parameter is the fp32 logit scale)
+        return next(p.dtype for n, p in clip.cond_stage_model.named_parameters() if n.endswith("q_proj.weight"))
+
     with torch.inference_mode():
-        model, clip, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True, output_clip=True)[:3]
-        composed_model, composed_clip = operations.compose(model, clip, bank, [c.id for c in bank.concepts], {})
-        mm.load_models_gpu([composed_model, composed_clip.patcher], force_full_load=True)
-        cond_comfy = composed_clip.encode_from_tokens(composed_clip.tokenize(prompt)).float()
-        eps_comfy = composed_model.model.diffusion_model(x, timesteps=t, context=cond_comfy).float()
-        mm.load_models_gpu([model], force_full_load=True)
-        eps_comfy_base = model.model.diffusion_model(x, timesteps=t, context=cond_comfy).float()
+        model, clip = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=True)[:2]
+        clip32 = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=True,
+                                                       output_model=False, te_model_options={"dtype": torch.float32})[1]
+        ids = [c.id for c in bank.concepts]
+        composed_model, composed_clip = operations.compose(model, clip, bank, ids, {})
+        composed_clip32 = operations.compose(model, clip32, bank, ids, {})[1]
+        mm.load_models_gpu([composed_model, composed_clip.patcher, composed_clip32.patcher], force_full_load=True)
+        cond_comfy = composed_clip.encode_from_tokens(composed_clip.tokenize(prompt)).float()[:, :77]
+        cond_comfy32 = composed_clip32.encode_from_tokens(composed_clip32.tokenize(prompt)).float()[:, :77]
+        eps_comfy = composed_model.model.diffusion_model(x, timesteps=t, context=cond_comfy32).float()
+        mm.load_models_gpu([model, clip.patcher], force_full_load=True)
+        eps_comfy_base = model.model.diffusion_model(x, timesteps=t, context=cond_comfy32).float()
 
     host = DiffusersHost.load(str(checkpoint), "cpu", torch.float32)
+    with torch.no_grad():
+        cond_embedding_only = host.encode_text([prompt], bank.embeddings()).float()  # the token, no residuals
     layers = host.linear_layers()
     with torch.no_grad(), LoRAHooks({n: layers[n] for n in bank.layer_shapes()}) as hooks:
         hooks.set_composed(bank.composed_factors())
         cond_diff = host.encode_text([prompt], bank.embeddings()).float()
         eps_diff = host.predict_noise(x, t.long(), cond_diff).float()
 
-    # the figures in every failure message, so a failure elsewhere says which comparison broke and
-    # by how much (here, ComfyUI 0.3.64 / torch 2.14.1 CPU: 2.0e-4, 4.4e-5, 0.99)
-    figures = (f"max |cond diff| {(cond_comfy[:, :77] - cond_diff).abs().max():.2e}, "
-               f"max |eps diff| {(eps_comfy - eps_diff).abs().max():.2e}, "
-               f"concept effect {(eps_comfy - eps_comfy_base).abs().max():.2e}; Comfy CLIP "
-               f"{next(composed_clip.cond_stage_model.parameters()).dtype} weights, "
-               f"UNet {composed_model.model.get_dtype()}, torch {torch.__version__}")
+    exact = (cond_comfy32 - cond_diff).abs().max()
+    rounded = (cond_comfy - cond_diff).abs().max()
+    effect = (cond_diff - cond_embedding_only).abs().max()  # what the concept's residuals do to the conditioning
+    # the figures in every failure message, so a failure elsewhere says which comparison broke and by how
+    # much (ComfyUI 0.3.64, torch 2.14.1, --cpu: 1.7e-6 with the fp32 CLIP; 2.0e-4 with its fp16 one, a
+    # share of 4.3e-5 of the residuals' effect 4.8; eps 6.9e-7; concept effect on eps 0.99)
+    figures = (f"max |cond diff| fp32 CLIP {exact:.2e}, fp16 CLIP {rounded:.2e} (of the residuals' effect on the "
+               f"conditioning, {effect:.2e}: a share of {rounded / effect:.1e}); max |eps diff| {(eps_comfy - eps_diff).abs().max():.2e}; concept effect "
+               f"{(eps_comfy - eps_comfy_base).abs().max():.2e}; Comfy CLIP weights {clip_weight_dtype(clip)} "
+               f"(and {clip_weight_dtype(clip32)}), UNet {composed_model.model.get_dtype()}, torch {torch.__version__}")
     print(figures)
-    assert (cond_comfy[:, :77] - cond_diff).abs().max() < 1e-3, figures
+    assert exact < 1e-4, figures
+    assert rounded < 0.05 * effect, figures
     assert (eps_comfy - eps_diff).abs().max() < 1e-3, figures
     assert (eps_comfy - eps_comfy_base).abs().max() > 1e-2, figures  # the concept changes the prediction
 
