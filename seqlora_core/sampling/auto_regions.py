@@ -48,15 +48,12 @@ class AttentionMapRecorder:
         d = k.shape[-1] // heads
         qh, kh, vh = (t.view(t.shape[0], -1, heads, d).transpose(1, 2) for t in (q, k, v))
         if self.recording:
-            self._record(qh, kh, n)
+            add_attention_maps(self.maps, qh, kh, self.rows, self.positions, self.latent_hw)
         out = F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, -1, heads * d)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
-
-    def _record(self, qh: Tensor, kh: Tensor, tokens: int) -> None:
-        add_attention_maps(self.maps, qh, kh, self.rows, self.positions, self.latent_hw)
 
 
 def add_attention_maps(maps: dict[str, Tensor], qh: Tensor, kh: Tensor, rows: Tensor,
