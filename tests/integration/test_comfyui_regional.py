@@ -14,18 +14,25 @@ import torch
 from .helpers import CKPT_NAME, ROOT, load_pack, pack_module, run_workflow
 
 
-def test_region_isolation_in_comfy_cross_attention(comfy_importable):
+def _cross_attention():
+    """A small Comfy CrossAttention (query 64 wide, context 32, two heads) with seeded weights
+    (Comfy's ops skip weight initialisation)."""
     from comfy.ldm.modules.attention import CrossAttention
 
+    torch.manual_seed(0)
+    attn = CrossAttention(query_dim=64, context_dim=32, heads=2, dim_head=16).eval()
+    with torch.no_grad():
+        for param in attn.parameters():
+            param.normal_(0, 0.1)
+    return attn
+
+
+def test_region_isolation_in_comfy_cross_attention(comfy_importable):
     from seqlora_core.sampling.regions import Region, region_masks
 
     load_pack()
     regional = importlib.import_module("seqlora_pack.nodes.regional")
-    torch.manual_seed(0)
-    attn = CrossAttention(query_dim=64, context_dim=32, heads=2, dim_head=16).eval()
-    with torch.no_grad():  # Comfy's ops skip weight initialisation
-        for param in attn.parameters():
-            param.normal_(0, 0.1)
+    attn = _cross_attention()
     x = torch.randn(2, 64, 64)  # batch: [uncond, cond], 8×8 latent grid
     ctx = torch.randn(2, 77, 32)
     masks = region_masks([Region("a", box=(0, 0, 16, 64)), Region("b", box=(48, 0, 64, 64))], 64, 64)
@@ -103,17 +110,11 @@ def test_confined_residuals_in_comfy_cross_attention(comfy_importable):
     """Confined mode in Comfy's attention: each region's keys and values get only its own
     concepts' factors, so changing the right region's factors leaves the left one bit for bit
     unchanged, on both rows of guidance."""
-    from comfy.ldm.modules.attention import CrossAttention
-
     from seqlora_core.sampling.regions import Region, region_masks
 
     load_pack()
     regional = importlib.import_module("seqlora_pack.nodes.regional")
-    torch.manual_seed(0)
-    attn = CrossAttention(query_dim=64, context_dim=32, heads=2, dim_head=16).eval()
-    with torch.no_grad():
-        for param in attn.parameters():
-            param.normal_(0, 0.1)
+    attn = _cross_attention()
     x = torch.randn(2, 64, 64)
     ctx = torch.randn(2, 77, 32)
     masks = region_masks([Region("a", box=(0, 0, 32, 64)), Region("b", box=(32, 0, 64, 64))], 64, 64)
@@ -136,15 +137,9 @@ def test_attention_maps_in_comfy_cross_attention_read_what_it_attends(comfy_impo
     """Find Concept Regions' attn2 patch: Comfy's own attention output, unchanged, and on the
     conditional row the softmax attention to the concept's token positions, averaged over heads,
     added to its map on the latent grid (checked against the attention computed by hand)."""
-    from comfy.ldm.modules.attention import CrossAttention
-
     load_pack()
     auto = importlib.import_module("seqlora_pack.nodes.auto_regions")
-    torch.manual_seed(0)
-    attn = CrossAttention(query_dim=64, context_dim=32, heads=2, dim_head=16).eval()
-    with torch.no_grad():
-        for param in attn.parameters():
-            param.normal_(0, 0.1)
+    attn = _cross_attention()
     x = torch.randn(2, 64, 64)  # batch: [uncond, cond], 8×8 latent grid
     ctx = torch.randn(2, 77, 32)
     maps = {"c": torch.zeros(8, 8)}
