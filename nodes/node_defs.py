@@ -534,7 +534,7 @@ class FindConceptRegions(io.ComfyNode):
             outputs=[FoundRegions.Output(display_name="found_regions",
                                          tooltip="one region per concept: the whole prompt with that concept only"),
                      io.Mask.Output(display_name="masks", tooltip="each concept's region, one mask per concept "
-                                                                  "(connect a mask preview to look at them)")],
+                                                                  "(connect a MaskPreview node to look at them)")],
         )
 
     @classmethod
