@@ -155,23 +155,14 @@ def test_attention_maps_in_comfy_cross_attention_read_what_it_attends(comfy_impo
     assert torch.allclose(maps["c"], expected, atol=1e-5), (maps["c"] - expected).abs().max()
 
 
-def test_find_concept_regions_in_comfyui_gives_regions_or_one_sentence(comfy_importable, checkpoint):
-    """The node on a real SD-1.5 checkpoint (random weights) with two concepts: either one region
-    per concept with disjoint masks, which Regional Concepts takes (confined), or the one-sentence
-    refusal — never a traceback. A prompt naming no concept is refused by name."""
-    import comfy.sample
-    import comfy.sd
-
+def _two_concept_bank(model, clip):
+    """A bank for this checkpoint with two concepts, <left> and <right>: random factors on the
+    default targets (orthogonal bases), random token vectors; no training needed to find regions."""
     from seqlora_core.bank.format import Concept
-    from seqlora_core.errors import InputError
     from seqlora_core.method.targets import select_layers
     from seqlora_core.method.trainer import new_bank
 
-    load_pack()
-    node_defs = importlib.import_module("seqlora_pack.nodes.node_defs")
-    operations = importlib.import_module("seqlora_pack.nodes.operations")
-    with torch.inference_mode():
-        model, clip = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=True)[:2]
+    operations = pack_module("nodes.operations")
 
     class _Host:  # what new_bank reads of a host
         def architecture(self):
@@ -190,6 +181,23 @@ def test_find_concept_regions_in_comfyui_gives_regions_or_one_sentence(comfy_imp
             a[name] = 0.05 * torch.randn(layer.out_features, 4, generator=gen)
         bank = bank.with_concept(Concept(ident, f"<{ident}>", "person", 4, "seqlora", a, b,
                                          torch.randn(1, 768, generator=gen)))
+    return bank
+
+
+def test_find_concept_regions_in_comfyui_gives_regions_or_one_sentence(comfy_importable, checkpoint):
+    """The node on a real SD-1.5 checkpoint (random weights) with two concepts: either one region
+    per concept with disjoint masks, which Regional Concepts takes (confined), or the one-sentence
+    refusal — never a traceback. A prompt naming no concept is refused by name."""
+    import comfy.sample
+    import comfy.sd
+
+    from seqlora_core.errors import InputError
+
+    load_pack()
+    node_defs = importlib.import_module("seqlora_pack.nodes.node_defs")
+    with torch.inference_mode():
+        model, clip = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=True)[:2]
+    bank = _two_concept_bank(model, clip)
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     find = node_defs.FindConceptRegions.execute
     try:
@@ -216,3 +224,46 @@ def test_find_concept_regions_in_comfyui_gives_regions_or_one_sentence(comfy_imp
         raise AssertionError("a prompt naming no concept was not refused")
     except InputError as exc:
         assert "names concepts" in str(exc)
+
+
+def test_find_concept_regions_runs_in_a_queued_workflow(comfy_server, comfy_path, checkpoint):
+    """Find Concept Regions wired as a user wires it: Load Basis Bank → Find Concept Regions →
+    Regional Concepts (found_regions, confined) → KSampler → Save Image, and its masks into the
+    stock MaskPreview; ComfyUI passes the regions between the nodes and shows one mask per concept."""
+    import comfy.sd
+
+    load_pack()
+    with torch.inference_mode():
+        model, clip = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=True)[:2]
+    bank_name = f"pytest_auto_regions_{os.getpid()}.safetensors"
+    bank_file = comfy_path / "models" / "seqlora" / bank_name
+    bank_file.parent.mkdir(parents=True, exist_ok=True)
+    _two_concept_bank(model, clip).save(bank_file)
+    checkpoint_out = {"model": ["1", 0], "clip": ["1", 1]}
+    wf = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+        "2": {"class_type": "SeqLoRALoadBasisBank", "inputs": {"bank_name": bank_name, "model": ["1", 0]}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": "SeqLoRAFindConceptRegions", "inputs": {
+            **checkpoint_out, "bank": ["2", 0], "prompt": "a photo of <left> and <right>", "negative": "",
+            "latent": ["3", 0], "seed": 0, "steps": 4, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal"}},
+        "5": {"class_type": "SeqLoRARegionalConcepts", "inputs": {
+            **checkpoint_out, "regions": '{"width": 64, "height": 64, "regions": []}', "bank": ["2", 0],
+            "residuals": "confined", "found_regions": ["4", 0]}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of two people", "clip": ["1", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "8": {"class_type": "KSampler", "inputs": {
+            "model": ["5", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["3", 0], "seed": 0,
+            "steps": 2, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "seqlora_auto_regions"}},
+        "11": {"class_type": "MaskPreview", "inputs": {"mask": ["4", 1]}},
+    }
+    try:
+        entry = run_workflow(comfy_server, wf)
+    finally:
+        bank_file.unlink(missing_ok=True)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert len(entry["outputs"]["11"]["images"]) == 2  # one mask per concept
+    image = entry["outputs"]["10"]["images"][0]["filename"]
+    assert (comfy_path / "output" / image).stat().st_size > 0
