@@ -34,12 +34,13 @@ from seqlora_core.sampling.regions import Region  # noqa: E402
 RES = 64
 
 
-def _refused() -> np.ndarray:
-    """A grey tile: automatic regions were refused (the sentence is printed, not drawn)."""
+def _grey() -> np.ndarray:
+    """A grey tile: automatic regions refused (the sentence is printed, not drawn), or no photo."""
     return np.full((RES, RES, 3), 160, np.uint8)
 
 
 def pair_rows(host, bank, left, right, photos: dict, seeds) -> list[list[tuple[np.ndarray, str]]]:
+    """One row of (picture, label) per seed for the concepts ``left`` | ``right`` (module docstring)."""
     a, b = left.token, right.token
     boxes = [Region(f"a photo of {a}", box=(0, 0, RES // 2, RES)), Region(f"a photo of {b}", box=(RES // 2, 0, RES, RES))]
     both, prompt = [left.id, right.id], "two things side by side"
@@ -52,8 +53,8 @@ def pair_rows(host, bank, left, right, photos: dict, seeds) -> list[list[tuple[n
             auto, auto_label = draw(f"a photo of {a} and {b}", auto_regions=True), "automatic regions"
         except InputError as exc:
             print(f"seed {seed}, {a} and {b}: automatic regions refused: {exc}")
-            auto, auto_label = _refused(), "automatic: refused"
-        rows.append([(photos[a], f"photo {a}"), (photos[b], f"photo {b}"),
+            auto, auto_label = _grey(), "automatic: refused"
+        rows.append([(photos.get(a, _grey()), f"photo {a}"), (photos.get(b, _grey()), f"photo {b}"),
                      (draw(f"a photo of {a} and {b}"), "one prompt, no regions"),
                      (draw(prompt, regions=boxes, residuals="global"), "boxes, global"),
                      (draw(prompt, regions=boxes, residuals="confined"), "boxes, confined"),
