@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +72,6 @@ def main(argv=None) -> Path:
     args = p.parse_args(argv)
     host = DiffusersHost.load(args.base, "cpu", torch.float32)
     bank = load_bank(args.bank)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         folders = write_photos(Path(tmp), STREAM)
         photos = {t: to_uint8(load_images([folders[t]], RES)[:1])[0] for t in folders}

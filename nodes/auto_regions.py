@@ -40,9 +40,10 @@ def concept_positions(clip, prompt: str, embeddings: dict[str, Tensor], ids: dic
     return out
 
 
-def recording_forward(module, maps: dict[str, Tensor], positions: dict[str, list[int]]):
+def recording_forward(module, maps: dict[str, Tensor], positions: dict[str, list[int]], latent_hw: tuple[int, int]):
     """A bound forward for one Comfy CrossAttention: its own attention, unchanged, and the
-    conditional rows' attention to ``positions`` added to ``maps`` (at the latent grid)."""
+    conditional rows' attention to ``positions`` added to ``maps``, which are (h, w) =
+    ``latent_hw``: the size of the latent being sampled."""
     import comfy.ldm.modules.attention as attention
 
     from seqlora_core.sampling.auto_regions import add_attention_maps
@@ -54,8 +55,6 @@ def recording_forward(module, maps: dict[str, Tensor], positions: dict[str, list
             return type(self).forward(self, x, context=context, value=value, mask=mask,
                                       transformer_options=transformer_options)
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        shape = transformer_options.get("original_shape")
-        latent_hw = tuple(next(iter(maps.values())).shape) if shape is None else (shape[2], shape[3])
         if k.shape[0] == q.shape[0]:  # one context row per image row, as Comfy batches cond / uncond
             d = q.shape[-1] // self.heads
             qh = q.view(q.shape[0], -1, self.heads, d).transpose(1, 2)  # (b, heads, n, d)
@@ -74,23 +73,23 @@ def find_regions(model, clip, bank, prompt: str, negative: str, latent: dict, se
     import comfy.sample
     import comfy.utils
 
-    from seqlora_core.sampling.auto_regions import AUTO_SHARE, concepts_to_find, found_regions
+    from seqlora_core.sampling.auto_regions import AUTO_SHARE, concepts_to_find, found_regions, require_positions
 
-    from .operations import check_bank_for, check_model, compose
+    from .operations import check_bank_for, compose
 
-    check_model(model)
-    bank = check_bank_for(bank, model)
+    bank = check_bank_for(bank, model)  # an SD-1.5 MODEL, and the bank made for it
     wanted = concepts_to_find(bank, prompt, None, ())
     composed_model, composed_clip = compose(model, clip, bank, wanted, {})
     tokens = {i: bank.get(i).token for i in wanted}
-    positions = concept_positions(composed_clip, prompt, bank.embeddings(wanted), tokens)
+    positions = require_positions(concept_positions(composed_clip, prompt, bank.embeddings(wanted), tokens))
     samples = latent["samples"]
     latent_hw = tuple(samples.shape[-2:])
     maps = {i: torch.zeros(latent_hw) for i in positions}
     patched = composed_model.clone()
     for path, module in model.model.diffusion_model.named_modules():
         if path.endswith(".attn2") and hasattr(module, "to_k"):
-            patched.add_object_patch(f"diffusion_model.{path}.forward", recording_forward(module, maps, positions))
+            patched.add_object_patch(f"diffusion_model.{path}.forward",
+                                     recording_forward(module, maps, positions, latent_hw))
 
     def conditioning(text: str):
         cond, pooled = composed_clip.encode_from_tokens(composed_clip.tokenize(text), return_pooled=True)

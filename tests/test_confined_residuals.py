@@ -150,6 +150,14 @@ def test_automatic_regions_find_the_tokens_and_need_named_concepts(host):
     assert pos == {"left": [4], "right": [6]}  # after the start token: a photo of <left> and <right>
     with pytest.raises(InputError, match="names concepts"):
         generate(host, bank, "a photo of a cat", steps=2, resolution=RES, auto_regions=True)
+    calls = []
+    handle = host.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:  # tokens past the 77-token window: refused before any denoising step is spent
+        with pytest.raises(InputError, match="first 75 tokens"):
+            generate(host, bank, "a " * 90 + "photo of <left> and <right>", steps=2, resolution=RES, auto_regions=True)
+    finally:
+        handle.remove()
+    assert not calls
 
 
 def test_automatic_regions_run_end_to_end_or_refuse_in_one_sentence(host, tmp_path):

@@ -88,13 +88,21 @@ def token_positions(host, prompt: str, tokens: dict[str, str], embeddings: dict[
     return out
 
 
+def require_positions(found: dict) -> dict:
+    """``found`` (concept → its token positions, or its map) when it holds any concept; else one
+    sentence. Hosts call it before sampling, so a prompt whose tokens fall past the 77-token
+    window is refused before any step is spent on it."""
+    if not found:
+        raise InputError("None of the concepts' tokens was found within the prompt's first 75 tokens; "
+                         "move them to the front or draw a box for each.")
+    return found
+
+
 def masks_from_maps(maps: dict[str, Tensor], names: dict[str, str] | None = None) -> dict[str, Tensor]:
     """Concept → (h, w) 0/1 mask: each position to the concept with the highest normalised map,
     where that map reaches THRESHOLD of its maximum. One sentence when the maps cannot be
     separated (see the module docstring)."""
-    if not maps:
-        raise InputError("None of the concepts' tokens was found within the prompt's first 75 tokens; "
-                         "move them to the front or draw a box for each.")
+    require_positions(maps)
     names = names or {c: c for c in maps}
     ids = list(maps)
     norm = torch.stack([m / m.max().clamp_min(1e-12) for m in (maps[c] for c in ids)])  # (C, h, w)

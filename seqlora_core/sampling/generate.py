@@ -14,7 +14,8 @@ from ..bank.format import Bank
 from .control import Control, unet_control_kwargs
 from ..hosts.diffusers_host import DiffusersHost
 from ..method.lora import LoRAHooks
-from .auto_regions import AUTO_SHARE, AttentionMapRecorder, concepts_to_find, found_regions, token_positions
+from .auto_regions import AUTO_SHARE, AttentionMapRecorder, concepts_to_find, found_regions, require_positions, \
+    token_positions
 from .confined import DEFAULT_RESIDUALS, GLOBAL, SpatialConfinement, check_mode, context_concepts, define_context_sets, \
     split_layers
 from .regions import Region, RegionalState, region_masks, regional_unet
@@ -122,7 +123,7 @@ def _find_regions(host: DiffusersHost, bank: Bank, prompt: str, ids, strengths, 
     wanted = concepts_to_find(bank, prompt, ids, drawn)
     embeddings = bank.embeddings(ids)
     latent_hw = (resolution // 8, resolution // 8)
-    positions = token_positions(host, prompt, {i: bank.get(i).token for i in wanted}, embeddings)
+    positions = require_positions(token_positions(host, prompt, {i: bank.get(i).token for i in wanted}, embeddings))
     recorder = AttentionMapRecorder(positions, latent_hw, torch.tensor([False, True]))
     with contextlib.ExitStack() as stack:
         cond = _compose(stack, host, bank, prompt, ids, strengths, negative, (), "global", resolution)

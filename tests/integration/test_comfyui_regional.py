@@ -145,7 +145,7 @@ def test_attention_maps_in_comfy_cross_attention_read_what_it_attends(comfy_impo
     maps = {"c": torch.zeros(8, 8)}
     options = {"cond_or_uncond": [1, 0], "original_shape": [2, 4, 8, 8]}
     with torch.no_grad():
-        out = auto.recording_forward(attn, maps, {"c": [4, 5]})(x, context=ctx, transformer_options=options)
+        out = auto.recording_forward(attn, maps, {"c": [4, 5]}, (8, 8))(x, context=ctx, transformer_options=options)
         plain = attn(x, context=ctx)
         q = attn.to_q(x[1]).view(64, 2, 16).transpose(0, 1)  # (heads, n, d), the conditional row
         k = attn.to_k(ctx[1]).view(77, 2, 16).transpose(0, 1)
