@@ -26,7 +26,8 @@ def _mixed() -> dict[str, torch.Tensor]:
 def test_tensors_metadata_and_dtypes_match_safetensors(tmp_path):
     path = tmp_path / "mixed.safetensors"
     save_file(_mixed(), str(path), metadata={"format": "x", "n": "1"})
-    meta, tensors, nonfinite = read_tensor_file(path)
+    read = read_tensor_file(path)
+    meta, tensors, nonfinite = read.meta, read.tensors, read.nonfinite
     expected = load_file(str(path))
     assert meta == {"format": "x", "n": "1"} and nonfinite == set() and tensors.keys() == expected.keys()
     for key, t in expected.items():
@@ -43,14 +44,13 @@ def test_every_non_finite_tensor_is_named(tmp_path, dtype, bad):
     tensors["other"] = torch.randn(3).half()  # another dtype's run stays clean
     path = tmp_path / "bad.safetensors"
     save_file(tensors, str(path))
-    _, _, nonfinite = read_tensor_file(path)
-    assert nonfinite == {"t2", "t4"}
+    assert read_tensor_file(path).nonfinite == {"t2", "t4"}
 
 
 def test_huge_finite_float64_values_are_finite(tmp_path):
     path = tmp_path / "big.safetensors"
     save_file({"a": torch.full((4,), 1e308, dtype=torch.float64)}, str(path))  # the sum overflows
-    assert read_tensor_file(path)[2] == set()
+    assert read_tensor_file(path).nonfinite == set()
 
 
 @pytest.mark.parametrize("cut", [0, 7, 8, 20, -1])
@@ -125,3 +125,175 @@ def test_non_finite_values_in_a_half_precision_bank_are_refused(tmp_path):
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(BankError, match="'c1' layer unet.l holds non-finite"):
         load_bank(path)
+
+
+def _data_region(path) -> bytes:
+    blob = path.read_bytes()
+    return blob[8 + int.from_bytes(blob[:8], "little"):]
+
+
+def _count_content_hashes(monkeypatch) -> list:
+    calls = []
+    original = Concept.content_hash
+
+    def counted(self):
+        calls.append(self.id)
+        return original(self)
+
+    monkeypatch.setattr(Concept, "content_hash", counted)
+    return calls
+
+
+def test_a_saved_bank_records_its_digest_and_a_load_trusts_it(tmp_path, monkeypatch):
+    """Bank.save fills in ``data_sha256`` (sha256 of the data region, then of the ``concepts``
+    value) after its readback checked every content hash; a load whose one-pass digest matches
+    computes no content hash, a save's readback always computes all of them."""
+    import hashlib
+
+    from seqlora_core.bank.provenance import bank_digest
+
+    path = tmp_path / "bank.safetensors"
+    bank = _bank()
+    calls = _count_content_hashes(monkeypatch)
+    bank.save(path)
+    assert calls == ["c0", "c1", "c2"]  # the readback (check_readable) checked every hash
+    meta = read_tensor_file(path).meta
+    assert meta["data_sha256"] == bank_digest(hashlib.sha256(_data_region(path)), meta)
+    assert len(meta["data_sha256"]) == 64 and meta["data_sha256"] != "0" * 64
+    calls.clear()
+    loaded = load_bank(path)
+    assert calls == []
+    assert [c.hash for c in loaded.concepts] == [c.hash for c in bank.concepts]
+
+
+def _rewrite(path, edit_meta=None, edit_tensors=None) -> None:
+    """The file written again by safetensors with its metadata and tensors edited (what another
+    tool does): the recorded digest is copied unchanged."""
+    read = read_tensor_file(path)
+    meta, tensors = dict(read.meta), {k: v.clone() for k, v in read.tensors.items()}
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    path.unlink()
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_a_bank_changed_after_saving_is_checked_in_full(tmp_path, monkeypatch):
+    """The digest only vouches for a file nothing has changed: a tensor or a concept's settings
+    edited by another tool (the digest copied along) fall back to every content hash, which
+    refuses the altered concept; a bank without a digest (saved before it existed) is checked in
+    full and loads."""
+    def flip(tensors):
+        tensors["concept.c1.A.unet.l"][0, 0] += 1e-3
+
+    def settings(meta):
+        entries = json.loads(meta["concepts"])
+        entries[2]["settings"] = {"steps": 1}
+        meta["concepts"] = json.dumps(entries)
+
+    for name, edit in (("c1", dict(edit_tensors=flip)), ("c2", dict(edit_meta=settings))):
+        path = tmp_path / f"{name}.safetensors"
+        _bank().save(path)
+        _rewrite(path, **edit)
+        with pytest.raises(BankError, match=f"concept '{name}' does not match its recorded content hash"):
+            load_bank(path)
+    path = tmp_path / "older.safetensors"
+    _bank().save(path)
+    _rewrite(path, edit_meta=lambda meta: meta.pop("data_sha256"))
+    calls = _count_content_hashes(monkeypatch)
+    assert [c.id for c in load_bank(path).concepts] == ["c0", "c1", "c2"]
+    assert calls == ["c0", "c1", "c2"]
+
+
+def test_the_orthogonality_probe_batches_layers_and_still_finds_one_overlap():
+    """``probably_orthogonal_layers`` probes layers of the same shapes together, a few at a time:
+    one overlapping pair in any layer of a batch (or in a layer of mixed block widths) fails it."""
+    from seqlora_core.linalg.projector import probably_orthogonal, probably_orthogonal_layers
+
+    gen = torch.Generator().manual_seed(3)
+
+    def layer(widths, m=48):
+        q = torch.linalg.qr(torch.randn(m, sum(widths), generator=gen))[0]
+        bounds = torch.tensor((0,) + tuple(widths)).cumsum(0).tolist()
+        return [q[:, a:b].contiguous() for a, b in zip(bounds, bounds[1:])]
+
+    layers = [layer([2] * 6) for _ in range(40)] + [layer([1, 3, 2]) for _ in range(3)]
+    assert probably_orthogonal_layers(layers, 1e-4, generator=gen)
+    for index in (0, 25, 39, 41):
+        bent = [list(bases) for bases in layers]
+        bent[index][1] = bent[index][1] + 1e-2 * bent[index][0][:, :1]  # the second block leans on the first
+        assert not probably_orthogonal_layers(bent, 1e-4, generator=gen)
+        assert not probably_orthogonal(bent[index], 1e-4, generator=gen)
+    assert probably_orthogonal_layers([[layers[0][0]], []], 1e-4)  # nothing to compare
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the populated mapping is made on Linux only")
+def test_the_read_buffer_is_unmapped_once_no_tensor_uses_it(monkeypatch):
+    """The data region's memory (one MAP_POPULATE mapping made through ctypes, so the GIL is free
+    while the kernel fills it) lives exactly as long as a tensor viewing it."""
+    import gc
+
+    from seqlora_core.bank import tensor_file
+
+    tensor_file._populated(1 << 20)  # loads libc
+    unmapped = []
+
+    class Recording:
+        def __init__(self, libc):
+            self.mmap, self._munmap = libc.mmap, libc.munmap
+
+        def munmap(self, addr, n):
+            unmapped.append(n)
+            return self._munmap(addr, n)
+
+    monkeypatch.setattr(tensor_file, "_LIBC", Recording(tensor_file._LIBC))
+    data = tensor_file._buffer(3 << 20)
+    data[:] = 7
+    view = torch.from_numpy(data[100:200])
+    del data
+    gc.collect()
+    assert unmapped == [] and int(view.sum()) == 700
+    del view
+    gc.collect()
+    assert unmapped == [3 << 20]
+
+
+def test_a_misaligned_tensor_is_read_and_checked_for_finiteness(tmp_path):
+    """A foreign writer may place a float32 tensor at an offset that is no multiple of 4: it is
+    read as a copy of its own, and its NaN is still found (the background sums skip it)."""
+    import struct
+
+    values = torch.tensor([1.0, float("nan"), 3.0])
+    header = {"pad": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+              "x": {"dtype": "F32", "shape": [3], "data_offsets": [1, 13]},
+              "y": {"dtype": "F32", "shape": [1], "data_offsets": [13, 17]}}
+    text = json.dumps(header).encode()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"\x07" + values.numpy().tobytes()
+                     + torch.tensor([2.0]).numpy().tobytes())
+    read = read_tensor_file(path)
+    assert read.nonfinite == {"x"}
+    assert torch.equal(read.tensors["x"][[0, 2]], torch.tensor([1.0, 3.0])) and read.tensors["y"].item() == 2.0
+
+
+def test_a_refused_header_leaves_no_reading_thread_behind(tmp_path):
+    """The background read is told there is nothing to check when the header's entries are
+    refused, so it ends instead of waiting for ever (holding the file's memory)."""
+    import threading
+    import time
+
+    path = tmp_path / "gap.safetensors"
+    save_file({"a": torch.zeros(4), "b": torch.zeros(4)}, str(path))
+    blob = bytearray(path.read_bytes())
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    header["b"]["data_offsets"] = [20, 36]  # a gap: the offsets do not tile the data
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + bytes(blob[8 + n:]) + b"\0" * 20)
+    with pytest.raises(ValueError, match="offsets do not tile"):
+        read_tensor_file(path, hash_data=True)
+    deadline = time.monotonic() + 10
+    while any(t.name == "seqlora-bank-read" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "seqlora-bank-read" for t in threading.enumerate())

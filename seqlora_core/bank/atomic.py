@@ -151,14 +151,17 @@ def _save_file(tensors: dict[str, Tensor], tmp: Path, metadata: dict[str, str]) 
 
 
 def _write_temp(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str],
-                check: Callable[[Path], None] | None) -> Path:
-    """The file's content, written, checked and fsynced under a temp name in its folder."""
+                check: Callable[[Path], None] | None, seal: Callable[[Path], None] | None = None) -> Path:
+    """The file's content, written, sealed (``seal(tmp)`` may rewrite bytes in place, e.g. fill
+    in a digest), fsynced and checked under a temp name in its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=TEMP_SUFFIX)
     os.close(fd)
     tmp = Path(tmp)
     try:
         _save_file(tensors, tmp, metadata)
+        if seal is not None:
+            seal(tmp)
         os.chmod(tmp, user_file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -204,13 +207,15 @@ def save_many_atomic(files: list[tuple[dict[str, Tensor], str | os.PathLike, dic
 
 
 def save_safetensors_atomic(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str],
-                            check: Callable[[Path], None] | None = None, what: str | None = None) -> None:
-    """Write to a temp file in the same folder, fsync it, ``check`` it (raising keeps the old file),
-    then rename over ``path``. ``what`` names the file in the error (default: "the file on disk")."""
+                            check: Callable[[Path], None] | None = None, what: str | None = None,
+                            seal: Callable[[Path], None] | None = None) -> None:
+    """Write to a temp file in the same folder, ``seal`` it (see ``_write_temp``), fsync it,
+    ``check`` it (raising keeps the old file), then rename over ``path``. ``what`` names the file
+    in the error (default: "the file on disk")."""
     path = Path(path)
     try:
         check_name(path)
-        tmp = _write_temp(tensors, path, metadata, check)
+        tmp = _write_temp(tensors, path, metadata, check, seal)
         try:
             os.replace(tmp, path)
         finally:

@@ -11,18 +11,22 @@ safetensors file holding
 and metadata ``format`` = "seqlora.bank", ``format_version`` = "2", ``concepts`` (JSON list in
 training order: id, token, init_word, rank, method, created, settings, final_loss, layers, and
 new in v2: hash, author, lease), ``base`` (JSON: architecture, fingerprint), ``eps``, and new
-in v2: ``leases`` (JSON list), ``lease`` (the lease id a lease file is confined to, or "") and
-``history`` (JSON list). ``<layer>`` is the canonical (diffusers) module path with a ``unet.`` /
-``text_encoder.`` prefix. Version 1 files (no v2 keys) are still read.
+in v2: ``leases`` (JSON list), ``lease`` (the lease id a lease file is confined to, or ""),
+``history`` (JSON list) and, optional, ``data_sha256`` (sha256 of the data region continued over
+the ``concepts`` value, filled in by :meth:`Bank.save`). ``<layer>`` is the canonical (diffusers)
+module path with a ``unet.`` / ``text_encoder.`` prefix. Version 1 files (no v2 keys) are still
+read.
 
 Files are written atomically (temp file in the same folder, fsync, rename) and validated in full
 on load; any defect is reported as one sentence (:class:`BankError`).
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,14 +38,14 @@ from .atomic import save_safetensors_atomic
 from ..settings import CONSTRAINED_METHODS
 from ..errors import BankError, CapacityError, InputError
 from ..linalg.factors import Factors, compose_factors
-from ..linalg.projector import NullSpaceProjector, block_overlaps, probably_orthogonal
+from ..linalg.projector import NullSpaceProjector, block_overlaps, probably_orthogonal_layers
 from .lease import Lease
-from .provenance import content_hash, history_entry
-from .reader import check_geometry, check_header, read_parts
+from .provenance import bank_digest, content_hash, history_entry
+from .reader import check_geometry, check_hashes, check_header, read_parts
 from .spec import (  # noqa: F401 (importable from here, as before)
-    DEFAULT_EPS, FORMAT, FORMAT_VERSION, ID_PATTERN, ORTHOGONALITY_TOLERANCE, READABLE_VERSIONS,
+    DEFAULT_EPS, DIGEST_KEY, FORMAT, FORMAT_VERSION, ID_PATTERN, ORTHOGONALITY_TOLERANCE, READABLE_VERSIONS,
 )
-from .tensor_file import read_tensor_file
+from .tensor_file import DIGEST_PLACEHOLDER, fill_digest, read_tensor_file
 
 MAX_STRENGTH = 10.0  # |strength| of a composed concept; beyond it a picture only saturates
 
@@ -326,15 +330,17 @@ class Bank:
         so the probe is skipped there."""
         if self.confined_to:
             return False
-        layers = dict.fromkeys(n for c in self.concepts if c.constrained for n in c.B)
+        constrained = [c for c in self.concepts if c.constrained]
+        layers = dict.fromkeys(n for c in constrained for n in c.B)
         layers.update(dict.fromkeys(n for l in self.active_leases for n in l.blocks))
+        per_layer = []
         for name in layers:
-            blocks = [c.B[name] for c in self.concepts if c.constrained and name in c.B]
+            blocks = [c.B[name] for c in constrained if name in c.B]
             blocks += [l.blocks[name] for l in self.active_leases if name in l.blocks]
-            if len(blocks) > 1 and (len({b.shape[0] for b in blocks}) > 1
-                                    or not probably_orthogonal(blocks, ORTHOGONALITY_TOLERANCE)):
+            if len({b.shape[0] for b in blocks}) > 1:
                 return False
-        return True
+            per_layer.append(blocks)
+        return probably_orthogonal_layers(per_layer, ORTHOGONALITY_TOLERANCE)
 
     def summary(self) -> dict:
         """Everything every surface shows about a bank (CLI ``bank info``, the ComfyUI panel and
@@ -466,26 +472,33 @@ class Bank:
                 "concepts": json.dumps([c.meta() for c in self.concepts]),
                 "base": json.dumps(self.base), "eps": repr(float(self.eps)),
                 "leases": json.dumps([l.meta() for l in self.leases]), "lease": self.confined_to or "",
-                "history": json.dumps(self.history)}
+                "history": json.dumps(self.history), DIGEST_KEY: DIGEST_PLACEHOLDER}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a reader sees the old file or the new one, never a mix. What is about
         to be written is first read back with the bank reader; a bank the reader would refuse is
         never renamed into place (the old file stays, one BankError says why)."""
         path = Path(path)
-        save_safetensors_atomic(self.tensors(), path, self.metadata(),
+        save_safetensors_atomic(self.tensors(), path, self.metadata(), seal=_seal,
                                 check=lambda tmp: check_readable(tmp, path.name), what="the bank on disk")
 
 
 def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
-                    nonfinite: set[str] | None = None) -> Bank:
+                    nonfinite: set[str] | None = None, data_sha256=None) -> Bank:
     """A validated Bank from a file's metadata and tensors (``bank.reader`` checks every field and
-    tensor, then the geometry of the built bank). ``nonfinite``: see ``reader.read_parts``."""
+    tensor, then the geometry of the built bank, then its content hashes). ``nonfinite``: see
+    ``reader.read_parts``; ``data_sha256``: see ``reader.check_hashes`` (None computes every hash)."""
     fields = read_parts(meta, tensors, name, nonfinite)
     fields["concepts"] = [Concept(**c) for c in fields["concepts"]]
     bank = Bank(**fields)
     check_geometry(bank, name)
+    check_hashes(bank, meta, name, data_sha256)
     return bank
+
+
+def _seal(tmp: Path) -> None:
+    """Fill in the written file's digest (``provenance.bank_digest``)."""
+    fill_digest(tmp, DIGEST_KEY, bank_digest)
 
 
 def check_readable(tmp: Path, name: str) -> None:
@@ -493,13 +506,14 @@ def check_readable(tmp: Path, name: str) -> None:
 
     Why read the written file rather than validate the Bank in memory: the file is what every
     later run reads; a value that changes on the way (a float32 cast that overflows, a tensor
-    left out) shows only there."""
+    left out) shows only there. Every content hash is computed here, whatever the digest says:
+    a load later trusts the hashes this check passed when the file's digest still matches."""
     try:
         try:
-            meta, tensors, nonfinite = read_tensor_file(tmp)
+            read = read_tensor_file(tmp)
         except (OSError, ValueError):
             raise BankError("it is not a readable safetensors file") from None
-        bank_from_parts(meta, tensors, name, nonfinite)
+        bank_from_parts(read.meta, read.tensors, name, read.nonfinite)
     except BankError as exc:
         raise BankError(f"{name} was not written, because the bank reader would refuse the result "
                         f"({str(exc).rstrip('.')}); the bank on disk was left as it was.") from None
@@ -513,6 +527,20 @@ def _file_identity(path: Path) -> tuple:
     """Changes whenever the file does: atomic saves rename a new inode into place."""
     st = path.stat()
     return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off while a bank is read: a 192-concept bank makes about
+    100,000 objects (tensors, dict entries, header entries), none of them in a cycle, and the
+    collector's passes over the growing heap cost about a fifth of the load."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def load_bank(path: str | os.PathLike) -> Bank:
@@ -532,15 +560,17 @@ def load_bank(path: str | os.PathLike) -> Bank:
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key].copy()
-    try:
-        # one pass (tensor_file): the header first (a multi-GB checkpoint fails before any tensor
-        # is read), then every tensor and which hold non-finite values
-        meta, tensors, nonfinite = read_tensor_file(path, lambda meta: check_header(meta, path.name))
-    except BankError:
-        raise
-    except Exception:  # OSError, ValueError (a damaged header or data region), MemoryError, ...
-        raise BankError(f"{path.name} is not a readable safetensors file.") from None
-    bank = bank_from_parts(meta, tensors, path.name, nonfinite)
+    with _collector_paused():
+        try:
+            # one pass (tensor_file): the header first (a multi-GB checkpoint fails before any
+            # tensor is read), then every tensor and which hold non-finite values, and the data
+            # region's sha256 in the background (reader.check_hashes)
+            read = read_tensor_file(path, lambda meta: check_header(meta, path.name), hash_data=True)
+        except BankError:
+            raise
+        except Exception:  # OSError, ValueError (a damaged header or data region), MemoryError, ...
+            raise BankError(f"{path.name} is not a readable safetensors file.") from None
+        bank = bank_from_parts(read.meta, read.tensors, path.name, read.nonfinite, read.data_sha256)
     _CACHE[key] = bank
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)

@@ -126,7 +126,8 @@ def read_lora_file(path: str | Path) -> LoRAFile:
         if not any(_LORA_KEY.search(k) for k in entries) and not any(s in k for k in entries for s in UNSUPPORTED):
             raise InputError(f"{path.name} is not a LoRA file the import reads: it has no lora_down / lora_up or "
                              "lora_A / lora_B weights.")
-        meta, tensors, nonfinite = read_tensor_file(path)
+        read = read_tensor_file(path)
+        meta, tensors, nonfinite = read.meta, read.tensors, read.nonfinite
     except InputError:
         raise
     except Exception:

@@ -73,6 +73,17 @@ def content_hash(rank: int, method: str, init_word: str, settings: dict,
     return digest.hexdigest()
 
 
+def bank_digest(data_sha256, meta: dict[str, str]) -> str:
+    """A bank file's digest (metadata ``data_sha256``): the sha256 of its data region (every
+    tensor's bytes as stored, ``data_sha256`` a hashlib object over them) continued over its
+    ``concepts`` metadata value (ids, settings, recorded hashes). One hash over bytes in file
+    order, so a reader computes it in one pass, where the content hashes interleave each layer's
+    name and shape with its bytes (30,000 small updates for a 192-concept bank)."""
+    digest = data_sha256.copy()
+    digest.update(meta.get("concepts", "").encode("utf-8"))
+    return digest.hexdigest()
+
+
 def history_entry(action: str, concepts: list[tuple[str, str]] = (), author: str | None = None,
                   **extra) -> dict:
     """One history record; ``concepts`` as (id, hash) pairs."""

@@ -17,8 +17,8 @@ from torch import Tensor
 from ..errors import BankError
 from ..settings import BANK_METHODS
 from .lease import LEASE_ID_PATTERN, Lease
-from .provenance import content_hash, valid_history
-from .spec import DEFAULT_EPS, FORMAT, ID_PATTERN, ORTHOGONALITY_TOLERANCE, READABLE_VERSIONS
+from .provenance import bank_digest, valid_history
+from .spec import DEFAULT_EPS, DIGEST_KEY, FORMAT, ID_PATTERN, ORTHOGONALITY_TOLERANCE, READABLE_VERSIONS
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -42,25 +42,30 @@ def _opt_str(value) -> bool:
 
 
 def _split_keys(tensors: dict[str, Tensor], name: str) -> tuple[dict, dict]:
-    """One pass over the keys: concept id → {part → {layer → tensor}}, lease id → {layer → U}."""
+    """One pass over the keys: concept id → {part → {layer → tensor}}, lease id → {layer → U}.
+    Keys are ``concept.<id>.<A|B>.<layer>``, ``concept.<id>.stats.<values|vectors>.<layer>``,
+    ``concept.<id>.embedding`` and ``lease.<id>.U.<layer>``; layers hold dots, ids do not."""
     concepts: dict[str, dict] = {}
     leases: dict[str, dict] = {}
-    for key, t in tensors.items():
-        head, _, rest = key.partition(".")
-        ident, _, rest = rest.partition(".")
-        if head == "concept":
-            parts = concepts.setdefault(ident, {"A": {}, "B": {}, "stats.values": {}, "stats.vectors": {}})
-            if rest == "embedding":
+    for key, t in tensors.items():  # tight: 30,720 keys in a 192-concept bank
+        fields = key.split(".", 3)  # head, id, kind, layer
+        head = fields[0]
+        if head == "concept" and len(fields) >= 3:
+            ident, kind, layer = fields[1], fields[2], fields[3] if len(fields) == 4 else None
+            parts = concepts.get(ident)
+            if parts is None:
+                parts = concepts[ident] = {"A": {}, "B": {}, "stats.values": {}, "stats.vectors": {}}
+            if (kind == "A" or kind == "B") and layer:
+                parts[kind][layer] = t
+            elif kind == "embedding" and layer is None:
                 parts["embedding"] = t
-                continue
-            for part in ("A", "B", "stats.values", "stats.vectors"):
-                if rest.startswith(part + ".") and len(rest) > len(part) + 1:
-                    parts[part][rest[len(part) + 1:]] = t
-                    break
             else:
-                raise BankError(f"{name} holds a tensor of unknown kind ({_show(key)}).")
-        elif head == "lease" and rest.startswith("U.") and len(rest) > 2:
-            leases.setdefault(ident, {})[rest[2:]] = t
+                which, _, inner = (layer or "").partition(".")
+                if kind != "stats" or which not in ("values", "vectors") or not inner:
+                    raise BankError(f"{name} holds a tensor of unknown kind ({_show(key)}).")
+                parts["stats." + which][inner] = t
+        elif head == "lease" and len(fields) == 4 and fields[2] == "U" and fields[3]:
+            leases.setdefault(fields[1], {})[fields[3]] = t
         else:
             raise BankError(f"{name} holds a tensor of no listed concept (e.g. {_show(key)}).")
     return concepts, leases
@@ -73,6 +78,7 @@ class _Finiteness:
 
     def __init__(self, nonfinite: set[str] | None):
         self.nonfinite = nonfinite
+        self.none = nonfinite is not None and not nonfinite  # known: every tensor is finite
 
     def __call__(self, key: str, t: Tensor) -> bool:
         if self.nonfinite is not None:
@@ -89,7 +95,8 @@ def _check_matrix(t: Tensor, key: str, finite: _Finiteness, name: str, what) -> 
 
 
 def _concept(entry, all_parts: dict, shapes: dict, name: str, version: str, finite: _Finiteness) -> dict:
-    """The validated fields of one ``Concept`` (its content hash computed and checked here)."""
+    """The validated fields of one ``Concept``; its recorded content hash is checked by
+    :func:`check_hashes` once the bank is built (a hash left empty is computed by ``Concept``)."""
     if not isinstance(entry, dict):
         raise BankError(f"{name} has a concept entry that is not an object.")
     ident, rank, method = entry.get("id"), entry.get("rank"), entry.get("method")
@@ -114,33 +121,31 @@ def _concept(entry, all_parts: dict, shapes: dict, name: str, version: str, fini
     A, B = parts["A"], parts["B"]
     if not A or set(A) != set(B):
         raise BankError(f"{name}: concept '{ident}' does not have matching A and B factors for every layer.")
-    for layer in A:
+    for layer in A:  # tight: 80 layers × 192 concepts in a big bank
         a, b = A[layer], B[layer]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != rank or b.shape[1] != rank:
+        sa, sb = a.shape, b.shape
+        if len(sa) != 2 or len(sb) != 2 or sa[1] != rank or sb[1] != rank:
             raise BankError(f"{name}: concept '{ident}' layer {_show(layer)} has factors of shape "
-                            f"{tuple(a.shape)} and {tuple(b.shape)}, not rank {rank}.")
-        what = lambda: f"concept '{ident}' layer {_show(layer)}"  # noqa: E731
-        _check_matrix(a, f"concept.{ident}.A.{layer}", finite, name, what)
-        _check_matrix(b, f"concept.{ident}.B.{layer}", finite, name, what)
-        expected = shapes.setdefault(layer, (a.shape[0], b.shape[0]))
-        if expected != (a.shape[0], b.shape[0]):
+                            f"{tuple(sa)} and {tuple(sb)}, not rank {rank}.")
+        if not (finite.none and a.dtype in FLOAT_DTYPES and b.dtype in FLOAT_DTYPES):
+            what = lambda: f"concept '{ident}' layer {_show(layer)}"  # noqa: E731
+            _check_matrix(a, f"concept.{ident}.A.{layer}", finite, name, what)
+            _check_matrix(b, f"concept.{ident}.B.{layer}", finite, name, what)
+        widths = (sa[0], sb[0])
+        expected = shapes.setdefault(layer, widths)
+        if expected != widths:
             raise BankError(f"{name}: layer {_show(layer)} has width {expected} for one concept and "
-                            f"{(a.shape[0], b.shape[0])} for '{ident}'.")
+                            f"{widths} for '{ident}'.")
     emb = parts["embedding"]
     if emb.dim() != 2 or emb.shape[0] < 1 or emb.dtype not in FLOAT_DTYPES or not finite(f"concept.{ident}.embedding", emb):
         raise BankError(f"{name}: concept '{ident}' has a malformed token embedding.")
     stats = _stats(ident, parts, B, name, finite)
-    init_word = entry.get("init_word") or ""
     A, B, emb = {k: v.float() for k, v in A.items()}, {k: v.float() for k, v in B.items()}, emb.float()
-    digest = content_hash(rank, method, init_word, settings, A, B, emb)  # = Concept.content_hash
-    recorded = entry.get("hash")
-    if version != "1" and recorded is not None and recorded != digest:
-        raise BankError(f"{name}: concept '{ident}' does not match its recorded content hash "
-                        "(its tensors or settings were altered).")
-    return dict(id=ident, token=entry.get("token") or f"<{ident}>", init_word=init_word, rank=rank,
-                method=method, A=A, B=B, embedding=emb, created=entry.get("created") or "",
+    recorded = entry.get("hash") if version != "1" else None  # v1 banks record none: computed by Concept
+    return dict(id=ident, token=entry.get("token") or f"<{ident}>", init_word=entry.get("init_word") or "",
+                rank=rank, method=method, A=A, B=B, embedding=emb, created=entry.get("created") or "",
                 settings=settings, final_loss=loss, stats=stats, author=entry.get("author"), lease=lease,
-                hash=digest)
+                hash=recorded or "")
 
 
 def _stats(ident: str, parts: dict, B: dict, name: str, finite: _Finiteness):
@@ -217,7 +222,7 @@ def read_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
                nonfinite: set[str] | None = None) -> dict:
     """The validated fields of a ``Bank`` (its concepts as ``Concept`` fields) from a file's
     metadata and tensors; ``bank.format.bank_from_parts`` builds the Bank and then calls
-    :func:`check_geometry`. Plain fields rather than a Bank because ``bank.format`` is the floor
+    :func:`check_geometry` and :func:`check_hashes`. Plain fields rather than a Bank because ``bank.format`` is the floor
     above: ``Bank.save`` reads back what it writes with this reader. ``nonfinite``: the keys of
     tensors holding NaN or ±inf when the caller already knows them
     (``tensor_file.read_tensor_file``); None checks every tensor here."""
@@ -260,6 +265,22 @@ def read_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
     if confined is not None and not any(l.id == confined and l.active for l in leases):
         raise BankError(f"{name} is a lease file of lease {_show(confined, 60)!r}, which it does not hold.")
     return dict(base=base, eps=eps, concepts=concepts, leases=leases, confined_to=confined, history=history)
+
+
+def check_hashes(bank, meta: dict, name: str, data_sha256=None) -> None:
+    """Every concept's recorded content hash matches its tensors and settings. ``data_sha256``:
+    the file's data region's sha256 (``TensorFile.data_sha256``), when it was hashed in the read.
+    Where the file's digest (metadata ``data_sha256``, ``provenance.bank_digest``) matches it,
+    nothing has changed since ``Bank.save`` wrote the file, and that save read back and checked
+    every hash it recorded: the hashes are vouched for in one pass over the file instead of
+    30,000 small ones. Otherwise (no digest, a file edited or written by another tool) each hash
+    is computed and compared, as before. ``bank``: a built ``bank.format.Bank``."""
+    if data_sha256 is not None and meta.get(DIGEST_KEY) == bank_digest(data_sha256(), meta):
+        return
+    for c in bank.concepts:
+        if c.content_hash() != c.hash:
+            raise BankError(f"{name}: concept '{c.id}' does not match its recorded content hash "
+                            "(its tensors or settings were altered).")
 
 
 def check_geometry(bank, name: str) -> None:
