@@ -297,3 +297,22 @@ def test_a_refused_header_leaves_no_reading_thread_behind(tmp_path):
     while any(t.name == "seqlora-bank-read" for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not any(t.name == "seqlora-bank-read" for t in threading.enumerate())
+
+
+def test_a_save_never_vouches_for_a_hash_its_tensors_do_not_have(tmp_path, monkeypatch):
+    """What makes trusting a matching digest sound: the save's readback computes every content
+    hash, so a concept changed in memory after its hash was taken is never written with a digest
+    that would vouch for it; and a save whose digest cannot be filled in still writes a bank that
+    loads (checked in full)."""
+    from seqlora_core.bank import tensor_file
+
+    path = tmp_path / "bank.safetensors"
+    bank = _bank()
+    bank.concepts[1].A["unet.l"].add_(1.0)  # in place: the recorded hash is now stale
+    with pytest.raises(BankError, match="concept 'c1' does not match its recorded content hash"):
+        bank.save(path)
+    assert not path.exists()
+    monkeypatch.setattr(tensor_file, "DIGEST_PLACEHOLDER", "f" * 64)  # the seal finds nothing to fill
+    _bank().save(path)
+    assert read_tensor_file(path).meta["data_sha256"] == "0" * 64
+    assert [c.id for c in load_bank(path).concepts] == ["c0", "c1", "c2"]

@@ -324,11 +324,13 @@ def read_tensor_file(path: str | os.PathLike, check_meta=None, hash_data: bool =
     return TensorFile(meta, tensors, nonfinite, reader)
 
 
-def fill_digest(path: str | os.PathLike, key: str, digest: Callable[[object, dict], str]) -> None:
+def fill_digest(path: str | os.PathLike, key: str, digest: Callable[[object, dict], str]) -> bool:
     """Write ``digest(sha256 of the data region, metadata)`` into the metadata value ``key``, which
     the file was written with as :data:`DIGEST_PLACEHOLDER` (the same length, so the header and
     every offset stay as they are). Why after writing: a digest of the bytes as stored needs
-    them stored, and safetensors (which lays them out) cannot be handed a value computed later."""
+    them stored, and safetensors (which lays them out) cannot be handed a value computed later.
+    False, and the file left as it is, when there is not exactly one such placeholder (a reader
+    then finds no matching digest and checks everything, as for a file without one)."""
     size = os.path.getsize(path)
     with open(path, "r+b", buffering=0) as f:
         raw = _header_bytes(f, size)
@@ -340,9 +342,10 @@ def fill_digest(path: str | os.PathLike, key: str, digest: Callable[[object, dic
         pattern = re.compile(rb'("%s"\s*:\s*")%s"' % (re.escape(key.encode()), DIGEST_PLACEHOLDER.encode()))
         found = list(pattern.finditer(raw))
         if len(found) != 1 or len(value) != len(DIGEST_PLACEHOLDER) or not value.isascii():
-            raise ValueError(f"no single {key} placeholder to fill")
+            return False
         f.seek(8 + found[0].end(1))
         f.write(value.encode("ascii"))
+    return True
 
 
 def _finite_tensor(t: Tensor) -> bool:
