@@ -316,3 +316,24 @@ def test_a_save_never_vouches_for_a_hash_its_tensors_do_not_have(tmp_path, monke
     _bank().save(path)
     assert read_tensor_file(path).meta["data_sha256"] == "0" * 64
     assert [c.id for c in load_bank(path).concepts] == ["c0", "c1", "c2"]
+
+
+def test_the_orthogonality_error_is_computed_once_per_bank_content(tmp_path, monkeypatch):
+    """Every surface that shows a bank asks for its exact orthogonality error (ComfyUI's bank nodes
+    twice per run, on copies of the same loaded bank): computed once per content, again for a bank
+    whose concepts differ."""
+    calls = []
+    original = Bank._orthogonality_error
+    monkeypatch.setattr(Bank, "_orthogonality_error", lambda self, c: calls.append(len(self.concepts)) or original(self, c))
+    path = tmp_path / "bank.safetensors"
+    _bank().save(path)
+    first = load_bank(path).summary()["max_orthogonality_error"]
+    again = load_bank(path).copy().summary()["max_orthogonality_error"]
+    assert first == again < 1e-6 and calls == [3]
+    smaller = load_bank(path).without("c2")
+    assert smaller.max_orthogonality_error() <= first and calls == [3, 2]
+    changed = load_bank(path)
+    c = changed.concepts[1]
+    changed.concepts[1] = Concept(c.id, c.token, c.init_word, c.rank, c.method, c.A,
+                                  {"unet.l": c.B["unet.l"] + 0.5 * changed.concepts[0].B["unet.l"]}, c.embedding)
+    assert changed.max_orthogonality_error() > 0.1 and calls == [3, 2, 3]

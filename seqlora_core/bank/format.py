@@ -312,7 +312,25 @@ class Bank:
     def max_orthogonality_error(self, constrained_only: bool = True) -> float:
         """Worst normalised overlap between two concepts' bases (or a basis and a lease block,
         or two lease blocks) on any layer; by default among the orthogonality-constrained
-        concepts only, the ones the guarantee covers."""
+        concepts only, the ones the guarantee covers.
+
+        Remembered by content (:data:`_ORTHOGONALITY`): it is an exact float64 Gram per layer
+        (2.9 s for 192 concepts on 80 layers of a 2-core CPU), and every surface that shows a
+        bank asks for it, ComfyUI's bank nodes twice per run (their text and their panel), on
+        copies of the same loaded bank."""
+        key = (constrained_only, self.confined_to,
+               tuple((c.id, c.hash, c.method, c.lease) for c in self.concepts),  # the hash covers A, B
+               tuple((l.id, l.returned, tuple(l.blocks)) for l in self.leases))
+        if key in _ORTHOGONALITY:
+            _ORTHOGONALITY.move_to_end(key)
+            return _ORTHOGONALITY[key]
+        worst = self._orthogonality_error(constrained_only)
+        _ORTHOGONALITY[key] = worst
+        while len(_ORTHOGONALITY) > 16:
+            _ORTHOGONALITY.popitem(last=False)
+        return worst
+
+    def _orthogonality_error(self, constrained_only: bool) -> float:
         if not self.active_leases:  # plain banks: one Gram per layer over the bases alone
             worst = 0.0
             for name in self.layer_shapes():
@@ -519,6 +537,8 @@ def check_readable(tmp: Path, name: str) -> None:
                         f"({str(exc).rstrip('.')}); the bank on disk was left as it was.") from None
 
 
+# a bank's content (ids, content hashes, methods, leases) → its max_orthogonality_error
+_ORTHOGONALITY: "OrderedDict[tuple, float]" = OrderedDict()
 _CACHE: "OrderedDict[tuple, Bank]" = OrderedDict()
 _CACHE_SIZE = 4  # banks can be hundreds of MiB; hosts reload the same one on every generation
 

@@ -182,16 +182,19 @@ class _DataRead(threading.Thread):
         self.f, self.data_len, self.hash_data = f, data_len, hash_data
         self.allocated, self.read, self.checked = threading.Event(), threading.Event(), threading.Event()
         self._runs_given = threading.Event()
+        self.abandoned = False
         self.runs: list[tuple[str, int, int, list[str]]] = []  # (dtype, begin, end, keys), from :meth:`check`
         self.suspect: list[tuple[str, int, int, list[str]]] = []  # runs whose sum is not finite
         self.data: np.ndarray | None = None
         self.digest = None  # hashlib sha256 of the data region, once hashed
         self.error: BaseException | None = None
 
-    def check(self, runs: list[tuple[str, int, int, list[str]]]) -> None:
-        """Hand over the runs whose finiteness to sum once the data is read; called exactly once
-        (with [] when the caller gives up), or the thread waits."""
-        self.runs = runs
+    def check(self, runs: list[tuple[str, int, int, list[str]]] | None) -> None:
+        """Hand over the runs whose finiteness to sum once the data is read; called exactly once,
+        or the thread waits. None: the caller gave up (a refused header), so nothing is summed or
+        hashed."""
+        self.abandoned = runs is None
+        self.runs = runs or []
         self._runs_given.set()
 
     def run(self) -> None:
@@ -227,7 +230,7 @@ class _DataRead(threading.Thread):
             self.error = exc
         finally:
             self.checked.set()
-        if self.hash_data and self.error is None:
+        if self.hash_data and self.error is None and not self.abandoned:
             try:
                 self.digest = hashlib.sha256(memoryview(self.data))
             except BaseException as exc:
@@ -298,7 +301,7 @@ def read_tensor_file(path: str | os.PathLike, check_meta=None, hash_data: bool =
     data_len = size - 8 - len(raw)
     reader = _DataRead(f, data_len, hash_data)  # closes f
     reader.start()
-    runs = []
+    runs = None
     try:  # while the data is read
         order = _check_entries(entries, data_len)
         runs = _float_runs(order)
