@@ -337,3 +337,22 @@ def test_the_orthogonality_error_is_computed_once_per_bank_content(tmp_path, mon
     changed.concepts[1] = Concept(c.id, c.token, c.init_word, c.rank, c.method, c.A,
                                   {"unet.l": c.B["unet.l"] + 0.5 * changed.concepts[0].B["unet.l"]}, c.embedding)
     assert changed.max_orthogonality_error() > 0.1 and calls == [3, 2, 3]
+
+
+def test_a_failed_background_hash_falls_back_to_every_content_hash(tmp_path, monkeypatch):
+    """If the one-pass hash cannot be made (here: it raises), the load neither fails nor trusts
+    anything: it computes every content hash, as for a bank without a digest."""
+    import types
+
+    from seqlora_core.bank import tensor_file
+
+    path = tmp_path / "bank.safetensors"
+    _bank().save(path)
+
+    def broken(*_):
+        raise MemoryError("no memory for the hash")
+
+    monkeypatch.setattr(tensor_file, "hashlib", types.SimpleNamespace(sha256=broken))
+    calls = _count_content_hashes(monkeypatch)
+    assert [c.id for c in load_bank(path).concepts] == ["c0", "c1", "c2"]
+    assert calls == ["c0", "c1", "c2"]

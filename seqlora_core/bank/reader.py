@@ -269,13 +269,15 @@ def read_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
 
 def check_hashes(bank, meta: dict, name: str, data_sha256=None) -> None:
     """Every concept's recorded content hash matches its tensors and settings. ``data_sha256``:
-    the file's data region's sha256 (``TensorFile.data_sha256``), when it was hashed in the read.
+    a callable giving the file's data region's sha256 (``TensorFile.data_sha256``, None when
+    that hash failed), when it was hashed in the read.
     Where the file's digest (metadata ``data_sha256``, ``provenance.bank_digest``) matches it,
     nothing has changed since ``Bank.save`` wrote the file, and that save read back and checked
     every hash it recorded: the hashes are vouched for in one pass over the file instead of
     30,000 small ones. Otherwise (no digest, a file edited or written by another tool) each hash
     is computed and compared, as before. ``bank``: a built ``bank.format.Bank``."""
-    if data_sha256 is not None and meta.get(DIGEST_KEY) == bank_digest(data_sha256(), meta):
+    hashed = data_sha256() if data_sha256 is not None else None
+    if hashed is not None and meta.get(DIGEST_KEY) == bank_digest(hashed, meta):
         return
     for c in bank.concepts:
         if c.content_hash() != c.hash:
