@@ -356,3 +356,19 @@ def test_a_failed_background_hash_falls_back_to_every_content_hash(tmp_path, mon
     calls = _count_content_hashes(monkeypatch)
     assert [c.id for c in load_bank(path).concepts] == ["c0", "c1", "c2"]
     assert calls == ["c0", "c1", "c2"]
+
+
+def test_a_concept_without_a_recorded_hash_is_hashed_once(tmp_path, monkeypatch):
+    """A concept that records no hash (every concept of a version 1 bank) has it computed when
+    the Concept is built; the hash check does not compute it a second time."""
+    path = tmp_path / "bank.safetensors"
+    _bank().save(path)
+
+    def unrecorded(meta):
+        meta["concepts"] = json.dumps([dict(e, hash=None) for e in json.loads(meta["concepts"])])
+        meta.pop("data_sha256")
+
+    _rewrite(path, edit_meta=unrecorded)
+    calls = _count_content_hashes(monkeypatch)
+    assert [c.id for c in load_bank(path).concepts] == ["c0", "c1", "c2"]
+    assert calls == ["c0", "c1", "c2"]

@@ -507,10 +507,11 @@ def bank_from_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
     tensor, then the geometry of the built bank, then its content hashes). ``nonfinite``: see
     ``reader.read_parts``; ``data_sha256``: see ``reader.check_hashes`` (None computes every hash)."""
     fields = read_parts(meta, tensors, name, nonfinite)
+    recorded = {c["id"] for c in fields["concepts"] if c["hash"]}  # the others: computed by Concept
     fields["concepts"] = [Concept(**c) for c in fields["concepts"]]
     bank = Bank(**fields)
     check_geometry(bank, name)
-    check_hashes(bank, meta, name, data_sha256)
+    check_hashes(bank, meta, name, data_sha256, recorded)
     return bank
 
 

@@ -222,9 +222,9 @@ def read_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
                nonfinite: set[str] | None = None) -> dict:
     """The validated fields of a ``Bank`` (its concepts as ``Concept`` fields) from a file's
     metadata and tensors; ``bank.format.bank_from_parts`` builds the Bank and then calls
-    :func:`check_geometry` and :func:`check_hashes`. Plain fields rather than a Bank because ``bank.format`` is the floor
-    above: ``Bank.save`` reads back what it writes with this reader. ``nonfinite``: the keys of
-    tensors holding NaN or ±inf when the caller already knows them
+    :func:`check_geometry` and :func:`check_hashes`. Plain fields rather than a Bank because
+    ``bank.format`` is the floor above: ``Bank.save`` reads back what it writes with this reader.
+    ``nonfinite``: the keys of tensors holding NaN or ±inf when the caller already knows them
     (``tensor_file.read_tensor_file``); None checks every tensor here."""
     finite = _Finiteness(nonfinite)
     check_header(meta, name)
@@ -267,8 +267,10 @@ def read_parts(meta: dict, tensors: dict[str, Tensor], name: str = "bank",
     return dict(base=base, eps=eps, concepts=concepts, leases=leases, confined_to=confined, history=history)
 
 
-def check_hashes(bank, meta: dict, name: str, data_sha256=None) -> None:
-    """Every concept's recorded content hash matches its tensors and settings. ``data_sha256``:
+def check_hashes(bank, meta: dict, name: str, data_sha256=None, recorded: set[str] | None = None) -> None:
+    """Every concept's recorded content hash matches its tensors and settings. ``recorded``: the
+    ids of the concepts whose hash came from the file (None: all); the others' hashes were just
+    computed by ``Concept`` and are not computed again. ``data_sha256``:
     a callable giving the file's data region's sha256 (``TensorFile.data_sha256``, None when
     that hash failed), when it was hashed in the read.
     Where the file's digest (metadata ``data_sha256``, ``provenance.bank_digest``) matches it,
@@ -280,7 +282,7 @@ def check_hashes(bank, meta: dict, name: str, data_sha256=None) -> None:
     if hashed is not None and meta.get(DIGEST_KEY) == bank_digest(hashed, meta):
         return
     for c in bank.concepts:
-        if c.content_hash() != c.hash:
+        if (recorded is None or c.id in recorded) and c.content_hash() != c.hash:
             raise BankError(f"{name}: concept '{c.id}' does not match its recorded content hash "
                             "(its tensors or settings were altered).")
 
