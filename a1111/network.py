@@ -114,23 +114,40 @@ class Composition:
         self.sd_model = sd_model
         self.db = embedding_db
         self.hooks: LoRAHooks | None = None
+        self.regional = None  # a1111.regional.RegionalComposition, for the tab's regional previews
         self.replaced: dict[str, object] = {}  # token → the database's entry before us (or None)
 
     def apply(self, picks: list[Pick], layers) -> None:
-        from modules import shared
-        from modules.textual_inversion.textual_inversion import Embedding
-
-        composed, tokens = {}, {}
+        """Every pick's residual on every prompt, and its token."""
+        self.register_tokens(picks)
+        composed = {}
         for pick in picks:
             for name, (a, b) in pick.bank.composed_factors([pick.concept], {pick.concept: pick.strength}).items():
                 if name in composed:
                     a0, b0 = composed[name]
                     a, b = torch.cat([a0, a], 1), torch.cat([b0, b], 1)
                 composed[name] = (a, b)
-            concept = pick.bank.get(pick.concept)
-            tokens[concept.token] = (concept.embedding, pick.bank_path)
         self.hooks = LoRAHooks({n: layers[n] for n in composed})
         self.hooks.set_composed(composed)
+
+    def apply_regional(self, picks: list[Pick], layers, request, prompt: str, negative: str, on_refusal) -> None:
+        """The picks composed regionally (``a1111.regional``: the tab's regions, confined residuals,
+        automatic regions) for ``prompt`` and ``negative``, and their tokens."""
+        from .regional import RegionalComposition
+
+        self.register_tokens(picks)
+        self.regional = RegionalComposition(self.sd_model, request, on_refusal)
+        self.regional.apply(picks, layers, prompt, negative)
+
+    def register_tokens(self, picks: list[Pick]) -> None:
+        """Each pick's token in A1111's embedding database, so that the prompt's ``<chelsea>`` uses it."""
+        from modules import shared
+        from modules.textual_inversion.textual_inversion import Embedding
+
+        tokens = {}
+        for pick in picks:
+            concept = pick.bank.get(pick.concept)
+            tokens[concept.token] = (concept.embedding, pick.bank_path)
         for token, (vec, path) in tokens.items():
             emb = Embedding(vec.to(shared.device, torch.float32), token)
             emb.vectors, emb.shape = vec.shape[0], vec.shape[-1]
@@ -139,6 +156,9 @@ class Composition:
             self.db.register_embedding(emb, self.sd_model)
 
     def remove(self) -> None:
+        if self.regional is not None:
+            self.regional.remove()
+            self.regional = None
         if self.hooks is not None:
             self.hooks.remove()
             self.hooks = None
@@ -148,6 +168,15 @@ class Composition:
             else:
                 self.db.register_embedding_by_name(None, self.sd_model, token)
         self.replaced = {}
+
+
+def refuse_regions(p, why: str) -> None:
+    """Automatic regions refused mid-sampling: the job stops, and the sentence is its answer."""
+    from modules import shared
+
+    p.extra_generation_params["SeqLoRA refused"] = why
+    p.comment(f"SeqLoRA: {why}")
+    shared.state.interrupt()
 
 
 def make_extra_network():
@@ -183,9 +212,19 @@ def make_extra_network():
                 applied = [pick for pick in picks if not refused[pick.bank_path]]
                 if applied:
                     self.composition = Composition(sd_model, sd_hijack.model_hijack.embedding_db)
-                    self.composition.apply(applied, layers)
-                    p.extra_generation_params["SeqLoRA"] = ", ".join(
-                        f"{pk.label}:{pk.concept}:{pk.strength:g}" for pk in applied)
+                    request = getattr(p, "seqlora_regional", None)
+                    try:
+                        if request is None:
+                            self.composition.apply(applied, layers)
+                        else:
+                            self.composition.apply_regional(applied, layers, request, p.prompts[0],
+                                                            p.negative_prompts[0], lambda why: refuse_regions(p, why))
+                    except SeqLoRAError as exc:
+                        self._clear()
+                        problems.append(f"SeqLoRA: {exc}")
+                    else:
+                        p.extra_generation_params["SeqLoRA"] = ", ".join(
+                            f"{pk.label}:{pk.concept}:{pk.strength:g}" for pk in applied)
             if problems:  # the UI shows comments; API users and saved images only have the infotext
                 p.extra_generation_params["SeqLoRA refused"] = " ".join(x.removeprefix("SeqLoRA: ") for x in problems)
             for problem in problems:

@@ -54,7 +54,7 @@ class TabSession:
     embeddings_dir: Path | None = None  # exported embeddings; None: next to the LoRA, <stem>_embeddings/
     sample: Callable | None = None  # (bank, prompt, ids, strengths, size, steps) -> PIL image
     # whether ``sample`` also takes regions=, residuals=, auto_regions= (``sampling.generate``'s): the
-    # standalone app's does; A1111's preview goes through A1111's own txt2img, which has no regions
+    # standalone app's does, and A1111's (``a1111.regional``); a host without them hides the fields
     regional: bool = False
     sample_steps: int = 20  # default sampling steps of samples and previews
     job: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # host's GPU lock / job
@@ -503,7 +503,7 @@ def build_tab(session: TabSession):
             prompt = gr.Textbox(label="Prompt", value="a photo of <my-concept>", elem_id="seqlora_prompt")
             preview_size = gr.Number(label="Preview size (px)", value=session.resolution, precision=0,
                                      elem_id="seqlora_preview_size")
-            with gr.Row(visible=session.regional):  # the standalone app; A1111's preview has no regions
+            with gr.Row(visible=session.regional):  # hidden for a host whose preview has no regions
                 regions = gr.Textbox(label="Regions (one per line: x0,y0,x1,y1:prompt, in pixels of the preview)",
                                      lines=3, value="", elem_id="seqlora_regions")
                 residuals = gr.Radio(label="Residuals in regions (confined: each region only the concepts it names)",

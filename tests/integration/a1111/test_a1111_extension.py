@@ -189,6 +189,59 @@ def test_preview_and_sample_come_from_a1111_txt2img(a1111, page):
     assert "seqlora-error" not in (_last(page, "seqlora_compose_status").inner_html() or "")
 
 
+def _preview_pixels(a1111, page, before: str | None = None, timeout_s: float = 900):
+    """The Compose page's preview as an (H, W, 3) array once its image differs from ``before`` (a
+    src), or None when the status reports an error first; and the image's src."""
+    import base64
+    import io
+    import urllib.request
+
+    from PIL import Image
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if "seqlora-error" in (_last(page, "seqlora_compose_status").inner_html() or ""):
+            return None, before
+        image = page.locator("#seqlora_preview img")
+        src = image.first.get_attribute("src") if image.count() else None
+        if src and src != before:
+            data = (base64.b64decode(src.split(",", 1)[1]) if src.startswith("data:")
+                    else urllib.request.urlopen(a1111.url + src if src.startswith("/") else src).read())
+            return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), src
+        time.sleep(1)
+    raise AssertionError("no preview came back")
+
+
+def test_regional_previews_through_a1111_txt2img_and_nothing_left_behind(a1111, page):
+    """The Compose page's regions in A1111: boxes with confined residuals draw another picture
+    than the plain preview; automatic regions draw one or refuse in the core's sentence; after
+    both, A1111's own txt2img draws exactly what it drew before (no attn2 forward, hook or token
+    of ours left)."""
+    src = page.locator("#seqlora_preview img").first.get_attribute("src")
+    plain, _ = _preview_pixels(a1111, page)  # the last test's preview: prompt PLAIN, 64 px
+    _field(page, "seqlora_regions").fill("0,0,32,64:a photo of <chelsea>\n32,0,64,64:a red circle")
+    page.locator("#seqlora_residuals label").filter(has_text="confined").first.click()
+    page.locator("#seqlora_preview_btn").click()
+    boxed, src = _preview_pixels(a1111, page, src)
+    status = _last(page, "seqlora_compose_status").inner_html() or ""
+    assert boxed is not None, status + a1111.log_tail()
+    assert boxed.shape == plain.shape and np.abs(boxed.astype(int) - plain.astype(int)).mean() > 0.5
+    _field(page, "seqlora_regions").fill("")
+    page.locator("#seqlora_auto_regions input[type=checkbox]").check()
+    page.locator("#seqlora_preview_btn").click()
+    auto, src = _preview_pixels(a1111, page, src)
+    status = _last(page, "seqlora_compose_status").text_content() or ""
+    if auto is None:  # random weights: the map may find no place of its own, said in one sentence
+        assert "draw a box" in status and "Traceback" not in status, status
+    print(f"automatic regions: {'an image' if auto is not None else status.strip()}")
+    page.locator("#seqlora_auto_regions input[type=checkbox]").uncheck()
+    after, _ = a1111.txt2img(PLAIN)
+    assert np.array_equal(after, STATE["plain"]), "a regional preview must leave A1111's model as it was"
+    embeddings = a1111.get("/sdapi/v1/embeddings")
+    assert "<chelsea>" not in {**embeddings["loaded"], **embeddings["skipped"]}
+    assert "cfg_denoiser_callback" not in a1111.log_tail(50000), a1111.log_tail()  # A1111 reports a failing callback
+
+
 def test_export_goes_to_a1111s_lora_and_embeddings_folders(a1111, page):
     page.locator("#seqlora_export").click()
     status = _wait_status(page, "seqlora_compose_status", 300000)
