@@ -14,8 +14,8 @@ region means in A1111 what it means on the command line. What is A1111's here:
   context and once per region, and blends the outputs. The class's forward includes ``to_out``,
   which is affine, so blending after it equals blending before it.
 * **Which rows are conditional.** A1111's CFG denoiser batches the conditional rows first and the
-  unconditional ones last, or runs them in separate calls (``batch_cond_uncond`` off, A1111's
-  ``--medvram`` default), or drops the unconditional ones at some steps (NGMS). A row is read as
+  unconditional ones last, or runs them in separate calls (its ``batch_cond_uncond`` setting
+  off, which saves memory), or drops the unconditional ones at some steps (NGMS). A row is read as
   unconditional when its context *is* the negative prompt's, which the ``cfg_denoiser`` callback
   hands over at every step; only when the prompt and the negative prompt encode alike does the
   batch layout decide.

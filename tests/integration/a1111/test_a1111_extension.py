@@ -226,6 +226,8 @@ def test_regional_previews_through_a1111_txt2img_and_nothing_left_behind(a1111, 
     status = _last(page, "seqlora_compose_status").inner_html() or ""
     assert boxed is not None, status + a1111.log_tail()
     assert boxed.shape == plain.shape and np.abs(boxed.astype(int) - plain.astype(int)).mean() > 0.5
+    page.locator("#seqlora_regions").scroll_into_view_if_needed()
+    page.screenshot(path=str(ROOT / "docs" / "a1111-regions.png"), full_page=True)
     _field(page, "seqlora_regions").fill("")
     page.locator("#seqlora_auto_regions input[type=checkbox]").check()
     page.locator("#seqlora_preview_btn").click()
