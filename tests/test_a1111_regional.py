@@ -92,12 +92,12 @@ LAYERS = {  # canonical names (what a bank holds) → the stand-in's modules
 class SdModel:
     """What a1111.regional touches of A1111's ``shared.sd_model``."""
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype = torch.float32):
         torch.manual_seed(0)
         unet = nn.Module()
         unet.blocks = nn.ModuleList([Block(), Block()])
-        self.model = SimpleNamespace(diffusion_model=unet)
-        self.text = TextEncoder()
+        self.model = SimpleNamespace(diffusion_model=unet.to(dtype))
+        self.text = TextEncoder().to(dtype)
         self.cond_stage_model = None
 
     def get_learned_conditioning(self, texts):
@@ -146,18 +146,20 @@ def _picks(bank: Bank):
     return [SimpleNamespace(bank=bank, bank_path="b.safetensors", concept=i, strength=1.0) for i in ("left", "right")]
 
 
-def _sample(bank: Bank, residuals: str, regions=None, prompt: str = "two things on a table", negative: str = "ugly"):
+def _sample(bank: Bank, residuals: str, regions=None, prompt: str = "two things on a table", negative: str = "ugly",
+            dtype: torch.dtype = torch.float32):
     """The first block's attn2 output (2, 16, DIM) — conditional row, then unconditional — of one
     CFG evaluation, batched as A1111 batches it, with the composition applied as A1111's extra
-    network applies it; and whether everything was undone after."""
-    model = SdModel()
+    network applies it (the model in ``dtype``, as A1111 runs it in half precision); and whether
+    everything was undone after."""
+    model = SdModel(dtype)
     regions = regions if regions is not None else [Region("a photo of <left>", box=LEFT),
                                                    Region("a photo of <right>", box=RIGHT)]
     request = RegionalRequest(regions, residuals, False, (PIXELS, PIXELS))
     composition = RegionalComposition(model, request, on_refusal=lambda why: None)
     composition.apply(_picks(bank), model.layers(), prompt, negative)
     cond, uncond = model.get_learned_conditioning([prompt]), model.get_learned_conditioning([negative])
-    x = torch.randn(1, SIDE * SIDE, DIM, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(1, SIDE * SIDE, DIM, generator=torch.Generator().manual_seed(5)).to(dtype)
     x_in = torch.cat([x, x])
     on_cfg_denoiser(SimpleNamespace(text_cond=cond, text_uncond=uncond, x=torch.zeros(2, 4, SIDE, SIDE),
                                     denoiser=SimpleNamespace(step=0), sampling_step=0, total_sampling_steps=4))
@@ -175,17 +177,18 @@ def _sample(bank: Bank, residuals: str, regions=None, prompt: str = "two things 
 LEFT_POSITIONS = (torch.arange(SIDE * SIDE) % SIDE) < SIDE // 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("spatial", [False, True], ids=["default-targets", "spatial-layers-too"])
-def test_confined_regions_leave_every_other_region_bit_for_bit_unchanged(spatial):
+def test_confined_regions_leave_every_other_region_bit_for_bit_unchanged(spatial, dtype):
     bank = _bank(spatial)
-    before, undone = _sample(bank, "confined")
-    after, _ = _sample(_right_changed(bank), "confined")
+    before, undone = _sample(bank, "confined", dtype=dtype)
+    after, _ = _sample(_right_changed(bank), "confined", dtype=dtype)
     assert undone, "the attn2 forwards and every hook are removed with the composition"
     assert torch.equal(before[0][LEFT_POSITIONS], after[0][LEFT_POSITIONS])  # conditional row, left region
     assert torch.equal(before[1][LEFT_POSITIONS], after[1][LEFT_POSITIONS])  # unconditional row: regional too
     assert not torch.allclose(before[0][~LEFT_POSITIONS], after[0][~LEFT_POSITIONS])  # the right region follows
-    g_before, _ = _sample(bank, "global")
-    g_after, _ = _sample(_right_changed(bank), "global")
+    g_before, _ = _sample(bank, "global", dtype=dtype)
+    g_after, _ = _sample(_right_changed(bank), "global", dtype=dtype)
     assert not torch.allclose(g_before[0][LEFT_POSITIONS], g_after[0][LEFT_POSITIONS])  # global: it bleeds
 
 
