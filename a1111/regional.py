@@ -134,12 +134,11 @@ class RegionalAttention:
 
     def regions_from_maps(self) -> None:
         maps, self.maps = self.maps, None
-        try:
+        try:  # inside A1111's callback, which would swallow an exception: a refusal is kept instead
             self.found = found_regions(maps, self.prompt, self.names, self.request.regions, self.request.pixel_hw)
+            self.begin_regions(list(self.request.regions) + self.found)
         except InputError as exc:
             self.refused = str(exc)
-            return
-        self.begin_regions(list(self.request.regions) + self.found)
 
     def begin_regions(self, regions: list[Region]) -> None:
         """From now on the attn2 forwards are regional over ``regions`` (confined: each region's
@@ -157,8 +156,8 @@ class RegionalAttention:
             if context.shape[1] != CHUNK:
                 raise InputError(f"Region '{region.prompt[:40]}' is longer than 75 tokens; shorten it.")
             contexts.append(context)
-            if confined:
-                negatives.append(self.encode(r, [self.negative])[:, :CHUNK])
+            if confined:  # the same text for every region: the same length, however long
+                negatives.append(self.encode(r, [self.negative]))
         h, w = self.request.pixel_hw
         self.state = RegionalState(masks=region_masks(regions, h, w), contexts=torch.cat(contexts).float(),
                                    latent_hw=self.step.latent_hw if self.step else (h // 8, w // 8),

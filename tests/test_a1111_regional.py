@@ -301,3 +301,44 @@ def test_an_attn2_forward_another_extension_left_is_wrapped_and_put_back():
     composition.remove()
     assert calls == [2, 1, 1]  # the global context for both rows, then the region's for each row
     assert vars(attn2)["forward"] is theirs
+
+
+def test_a_long_negative_prompt_is_kept_whole_for_the_regions_unconditional_rows():
+    """A1111 users' negative prompts often run past 75 tokens: each region's unconditional rows
+    attend to all of it (here two chunks), not to its first chunk."""
+    model = SdModel()
+    plain = model.get_learned_conditioning
+
+    def encode(texts):
+        out = plain(texts)
+        return torch.cat([out, out + 1], 1) if texts == ["ugly"] else out  # "ugly" encodes to two chunks
+
+    model.get_learned_conditioning = encode
+    request = RegionalRequest([Region("a photo of <left>", box=LEFT)], "confined", False, (PIXELS, PIXELS))
+    composition = RegionalComposition(model, request, lambda why: None)
+    composition.apply(_picks(_bank()), model.layers(), "two things", "ugly")
+    state = composition.attention.state
+    composition.remove()
+    assert state.contexts.shape[1] == CHUNK and state.uncond_contexts.shape[1] == 2 * CHUNK
+
+
+def test_automatic_regions_of_a_prompt_past_one_chunk_are_refused_not_lost():
+    """The found regions' prompt is the whole prompt; past 75 tokens it cannot be a region. Raised
+    inside A1111's callback the sentence would be swallowed: it must reach ``on_refusal``."""
+    model = SdModel()
+    plain = model.get_learned_conditioning
+    model.get_learned_conditioning = lambda texts: torch.cat([plain(texts)] * 2, 1)
+    chunk = SimpleNamespace(fixes=[SimpleNamespace(offset=o, embedding=SimpleNamespace(name=n, vectors=1))
+                                   for o, n in ((2, "<left>"), (4, "<right>"))])
+    model.cond_stage_model = SimpleNamespace(tokenize_line=lambda prompt: ([chunk, chunk], 80))
+    refusals = []
+    composition = RegionalComposition(model, RegionalRequest([], "confined", True, (PIXELS, PIXELS)), refusals.append)
+    composition.apply(_picks(_bank()), model.layers(), "of <left> and <right>", "")
+    for call in range(2):
+        if composition.attention.maps is not None:
+            composition.attention.maps = {k: m.clone() for k, m in HALVES.items()}
+        on_cfg_denoiser(SimpleNamespace(text_cond=torch.ones(1, 154, CTX), text_uncond=torch.zeros(1, 154, CTX),
+                                        x=torch.zeros(2, 4, SIDE, SIDE), denoiser=SimpleNamespace(step=call),
+                                        sampling_step=call, total_sampling_steps=4))
+    composition.remove()
+    assert len(refusals) == 1 and "longer than 75 tokens" in refusals[0], refusals
