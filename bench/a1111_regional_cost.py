@@ -16,13 +16,9 @@ Run inside A1111's Python, in its checkout (like ``tests/integration/a1111/loss_
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,7 +47,7 @@ def main() -> None:
     from a1111.host import A1111Host
     from a1111.network import Composition, Pick
     from a1111.regional import RegionalRequest, on_cfg_denoiser
-    from regional_cost import _bank
+    from regional_cost import _bank, report
     from seqlora_core.sampling.regions import Region
 
     res = args.resolution
@@ -96,27 +92,12 @@ def main() -> None:
     for _ in range(args.repeats):
         for name in configs:
             step(name, times, encode)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med_encode = {k: statistics.median(v) for k, v in encode.items()}
-    for k in configs:
-        print(f"{k:<11} {med[k]:7.3f} s/step   overhead x{med[k] / med['plain']:.3f}   composed and prompts encoded "
-              f"in {med_encode[k] * 1000:6.1f} ms once per picture   ({', '.join(f'{x:.3f}' for x in times[k])})")
     device = devices.device
-    result = {"benchmark": "a1111_regional_cost", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
-                          "cores": os.cpu_count(), "device": str(device),
-                          "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"},
-              "settings": {"host": "A1111", "flags": flags, "resolution": res, "cfg_batch": 2,
-                           "repeats": args.repeats, "dtype": str(host.dtype), "torch": torch.__version__,
-                           "cross_attention": shared.opts.cross_attention_optimization, "concepts": 4,
-                           "targets": "default"},
-              "seconds_per_step": times, "median": med, "encode_seconds": encode, "median_encode": med_encode,
-              "overhead": {k: med[k] / med["plain"] for k in configs}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"a1111_regional_cost-{device.type}-{res}px.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    settings = {"host": "A1111", "flags": flags, "resolution": res, "cfg_batch": 2, "repeats": args.repeats,
+                "dtype": str(host.dtype), "torch": torch.__version__,
+                "cross_attention": shared.opts.cross_attention_optimization, "concepts": 4, "targets": "default"}
+    report("a1111_regional_cost", times, encode, device,
+           torch.cuda.get_device_name() if device.type == "cuda" else "cpu", settings, Path(args.out))
     os._exit(0)  # A1111's background threads would keep the process alive
 
 

@@ -104,24 +104,31 @@ def main() -> None:
     for _ in range(args.repeats):
         for name in configs:
             step(name)
+    device_name = torch.cuda.get_device_name() if host.device.type == "cuda" else "cpu"
+    settings = {"base": args.base, "resolution": res, "cfg_batch": 2, "repeats": args.repeats,
+                "dtype": str(host.dtype), "torch": torch.__version__, "concepts": 4, "targets": "default"}
+    report("regional_cost", times, encode, host.device, device_name, settings, Path(args.out))
+
+
+def report(benchmark: str, times: dict[str, list[float]], encode: dict[str, list[float]], device, device_name: str,
+           settings: dict, out: Path) -> Path:
+    """Print each configuration's median step and its overhead over ``plain``, and write the JSON
+    (``<benchmark>-<device type>-<resolution>px.json``); shared with ``a1111_regional_cost.py``."""
     med = {k: statistics.median(v) for k, v in times.items()}
     med_encode = {k: statistics.median(v) for k, v in encode.items()}
-    for k in configs:
-        print(f"{k:<11} {med[k]:7.3f} s/step   overhead x{med[k] / med['plain']:.3f}   prompts encoded in "
-              f"{med_encode[k] * 1000:6.1f} ms once per picture   ({', '.join(f'{x:.3f}' for x in times[k])})")
-    result = {"benchmark": "regional_cost", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "device": str(host.device),
-                          "device_name": torch.cuda.get_device_name() if host.device.type == "cuda" else "cpu"},
-              "settings": {"base": args.base, "resolution": res, "cfg_batch": 2, "repeats": args.repeats,
-                           "dtype": str(host.dtype), "torch": torch.__version__, "concepts": 4, "targets": "default"},
-              "seconds_per_step": times, "median": med, "encode_seconds": encode, "median_encode": med_encode,
-              "overhead": {k: med[k] / med["plain"] for k in configs}}
-    out = Path(args.out)
+    for k in times:
+        print(f"{k:<11} {med[k]:7.3f} s/step   overhead x{med[k] / med['plain']:.3f}   composed and prompts encoded "
+              f"in {med_encode[k] * 1000:6.1f} ms once per picture   ({', '.join(f'{x:.3f}' for x in times[k])})")
+    result = {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+                          "cores": os.cpu_count(), "device": str(device), "device_name": device_name},
+              "settings": settings, "seconds_per_step": times, "median": med, "encode_seconds": encode,
+              "median_encode": med_encode, "overhead": {k: med[k] / med["plain"] for k in times}}
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"regional_cost-{host.device.type}-{res}px.json"
+    path = out / f"{benchmark}-{device.type}-{settings['resolution']}px.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":
