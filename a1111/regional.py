@@ -106,6 +106,7 @@ class RegionalAttention:
     confine: Callable[[object], contextlib.AbstractContextManager] | None
     encode: Callable[[object, list[str]], Tensor]
     define: Callable[[object, list[str]], None]
+    sets_for: Callable[[list[Region]], dict]  # regions → set key (GLOBAL or index) → concept ids
     prompt: str
     negative: str
     state: RegionalState | None = None
@@ -117,13 +118,13 @@ class RegionalAttention:
     found: list[Region] = field(default_factory=list)
     refused: str | None = None
     spatial: SpatialConfinement | None = None
-    sets_for: Callable[[list[Region]], dict] | None = None  # regions → set key → concept ids
+    _rows: tuple | None = None  # (the context of the UNet call under way, its conditional rows)
     _patched: dict = field(default_factory=dict)  # attn2 module → the instance forward it had, or None
 
     # the sampler's side ------------------------------------------------------------------------
     def on_step(self, info: StepInfo) -> None:
         """Called before every model evaluation; makes the automatic regions at the quarter."""
-        self.step = info
+        self.step, self._rows = info, None
         if self.state is not None:
             self.state.latent_hw = info.latent_hw
         if self.maps is not None and self.maps_done(info):
@@ -193,14 +194,15 @@ class RegionalAttention:
 
         if context is None or mask is not None or self.step is None:
             return attend(x, context)
-        rows = conditional_rows(context, self.step)
+        if self._rows is None or self._rows[0] is not context:  # one UNet call: one context for every attn2
+            self._rows = (context, conditional_rows(context, self.step))
+        rows = self._rows[1]
         if self.maps is not None:
             self._record(module, x, context, rows)
         if self.state is None:
             with (self.confine or _nothing)(GLOBAL):
                 return attend(x, context)
         self.state.rows = rows
-        self.state.latent_hw = self.step.latent_hw
         return regional_cross_attention(lambda: x, attend, x.shape[1], context, self.state)
 
     def _record(self, module, x: Tensor, context: Tensor, rows: Tensor) -> None:
@@ -240,8 +242,9 @@ class RegionalComposition:
         adapted = {n: layers[n] for n in bank.layer_shapes() if n in layers}
         text_layers, spatial_layers = split_layers(adapted) if confined else (adapted, {})
         self.hooks = LoRAHooks(text_layers)
+        sets = context_concepts(bank, prompt, request.regions, ids)  # the drawn regions' (automatic ones come later)
         if confined:
-            global_ids = context_concepts(bank, prompt, (), ids)[GLOBAL]
+            global_ids = sets[GLOBAL]
             self.hooks.set_composed(bank.composed_factors(global_ids, strengths) if global_ids else {})
         else:
             self.hooks.set_composed(bank.composed_factors(ids, strengths))
@@ -258,10 +261,9 @@ class RegionalComposition:
 
         self.attention = attention = RegionalAttention(
             request, confine=(lambda key: hooks.use(None if key == GLOBAL else key)) if confined else None,
-            encode=encode, define=define, prompt=prompt, negative=negative)
-        attention.sets_for = lambda regions: context_concepts(bank, prompt, regions, ids)
+            encode=encode, define=define, sets_for=lambda regions: context_concepts(bank, prompt, regions, ids),
+            prompt=prompt, negative=negative)
         if spatial_layers:  # every concept a region may name has its factors there from the start
-            sets = attention.sets_for(list(request.regions))
             attention.spatial = SpatialConfinement(spatial_layers, bank, sets, strengths, _no_regions(request))
         if request.auto_regions:
             wanted = concepts_to_find(bank, prompt, ids, request.regions)
