@@ -26,7 +26,7 @@ test: setup
 ui: setup
 	$(PY) -m seqlora_ui --base toy
 
-# Rebuild the shipped toy base (seqlora_core/hosts/weights/toy.*) from its seed: about 62 min on 2 cores
+# Rebuild the shipped toy base (seqlora_core/hosts/weights/toy.*) from its seed: about 100 min on 2 cores (three phases)
 toy-base: setup
 	$(PY) -m seqlora_core.toy.pretrain
 

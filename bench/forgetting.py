@@ -229,28 +229,44 @@ def parse_args(argv=None):
 
 
 def merge_results(paths: list[str]) -> dict:
-    """One result from runs of the same settings with different seeds (spread over all of them)."""
+    """One result from runs of the same settings with different seeds (spread over all of them).
+
+    A seed may also be split over several runs by preset or method (``--presets unet-cross`` in
+    one process, ``--presets default`` in another: two cores, one seed); each (seed, preset,
+    method) must then come from exactly one file."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     first = parts[0]["settings"]
-    seen: dict[int, str] = {}
+    split = ("seeds", "presets", "methods")
+    seen: dict[tuple, str] = {}
     for path, part in zip(paths, parts):
-        differ = [k for k in first if k != "seeds" and part["settings"].get(k) != first[k]]
+        differ = [k for k in first if k not in split and part["settings"].get(k) != first[k]]
         if differ:
             raise SystemExit(f"{path}: settings differ from {paths[0]} in {', '.join(differ)}; only runs of the "
                              "same settings can be merged")
-        for seed in part["settings"]["seeds"]:
-            if seed in seen:
-                raise SystemExit(f"seed {seed} is in both {seen[seed]} and {path}")
-            seen[seed] = path
+        cells = {(seed, preset, method) for seed in part["settings"]["seeds"]
+                 for preset in part["settings"]["presets"] for method in part["settings"]["methods"]}
+        for cell in sorted(cells):
+            if cell in seen:
+                raise SystemExit(f"seed {cell[0]} is in both {seen[cell]} and {path}"
+                                 + ("" if len(cells) == 1 else f" (preset {cell[1]}, method {cell[2]})"))
+            seen[cell] = path
+    seeds = sorted({cell[0] for cell in seen})
+    missing = [cell for cell in ((s, p, m) for s in seeds for p in {c[1] for c in seen} for m in {c[2] for c in seen})
+               if cell not in seen]
+    if missing:
+        raise SystemExit(f"seed {missing[0][0]} lacks preset {missing[0][1]}, method {missing[0][2]}: "
+                         "every seed needs every preset and method")
     runs = [r for part in parts for r in part["runs"]]
     loads = [part["machine"]["load_average_at_end"] for part in parts]
+    union = lambda key, order: [x for x in order if any(x in part["settings"][key] for part in parts)]  # noqa: E731
     return {**parts[0], "date": max(part["date"] for part in parts),
             "machine": {**parts[0]["machine"], "load_average_at_end": max(loads, key=lambda l: l[1])},
-            "settings": {**first, "seeds": sorted(seen)},
+            "settings": {**first, "seeds": seeds, "presets": union("presets", PRESETS),
+                         "methods": union("methods", METHODS)},
             "seconds_total": sum(part["seconds_total"] for part in parts), "summary": summarise(runs),
             "runs": runs, "failed": [f for part in parts for f in part["failed"]],
-            "merged_from": [{"seeds": part["settings"]["seeds"], "date": part["date"],
-                             "load_average_at_end": part["machine"]["load_average_at_end"],
+            "merged_from": [{"seeds": part["settings"]["seeds"], "presets": part["settings"]["presets"],
+                             "date": part["date"], "load_average_at_end": part["machine"]["load_average_at_end"],
                              "seconds_total": part["seconds_total"]} for part in parts]}
 
 

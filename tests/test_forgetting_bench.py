@@ -79,6 +79,20 @@ def test_forgetting_benchmark_two_concepts_two_steps(tmp_path):
     differ = merge(first, second, out="differ")
     assert differ.returncode != 0 and "settings differ" in differ.stderr and "steps" in differ.stderr
 
+    # one seed split over two processes by preset merges back into the same table
+    halves = []
+    for preset in ("default", "unet-cross"):
+        half = json.loads(json.dumps(data))
+        half["settings"]["presets"] = [preset]
+        half["runs"] = [run for run in half["runs"] if run["preset"] == preset]
+        halves.append(tmp_path / f"half-{preset}.json")
+        halves[-1].write_text(json.dumps(half))
+    assert merge(*halves, out="halves").returncode == 0
+    rejoined = json.loads((tmp_path / "halves" / "forgetting-tiny-cpu.json").read_text())
+    assert rejoined["settings"]["presets"] == ["default", "unet-cross"] and rejoined["summary"] == data["summary"]
+    lonely = merge(first, halves[0], out="lonely")  # seed 0's default preset twice
+    assert lonely.returncode != 0 and "seed 0 is in both" in lonely.stderr
+
 
 def test_forgetting_benchmark_on_toy_measures_generated_pictures(tmp_path):
     """On the toy base the runs also identify concepts, measure bleed and two regions."""

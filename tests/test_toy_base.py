@@ -72,13 +72,40 @@ def test_a_damaged_weights_file_is_refused_in_one_sentence(tmp_path):
 
 
 def test_recorded_figures_hold_what_the_readme_says():
-    """The shipped base's recorded figures (README, bench/RESULTS.md): 98.8 % of the training
-    captions and 86.1 % of the held-out ones followed — short of the 90 % aimed at on held-out
-    captions — and a VAE PSNR of 24.7 dB; a rebuilt base must not fall below them."""
-    measured = json.loads(base_models.TOY_RECORD.read_text())["measured"]
+    """The shipped base's recorded figures (README, bench/RESULTS.md): after its three phases it
+    follows every training caption and every held-out one in the script's measure (the target:
+    90 % of held-out captions) with a VAE PSNR of 24.7 dB; a rebuilt base must reach the target,
+    and each phase must have improved on the one before (phase 1: 36 % held-out, phases 1-2: 86 %)."""
+    record = json.loads(base_models.TOY_RECORD.read_text())
+    measured = record["measured"]
     assert measured["training_captions"]["colours"] >= 0.95
-    assert measured["held_out"]["colours"] >= 0.85
+    assert measured["held_out"]["colours"] >= 0.9
     assert measured["vae_psnr_world"] >= 24
+    earlier = [record[f"measured_after_phase_{n}"]["held_out"]["colours"] for n in (1, 2)]
+    assert earlier[0] < earlier[1] < 0.9 <= measured["held_out"]["colours"]
+    assert record["phase_3_final_loss"] < record["phase_2_final_loss"] < record["final_loss"]
+
+
+
+def test_a_later_phase_trains_on_from_the_shipped_file_and_records_itself(tmp_path):
+    """``--from-phase 3`` in miniature (2 steps on 81 pictures): the phase starts from the weights
+    in the folder, writes new ones whose sha256 its record holds, names its own figures
+    ``phase_3_*`` and keeps the figures measured before it as ``measured_after_phase_2``."""
+    from dataclasses import replace
+
+    from seqlora_core.toy import pretrain
+
+    for name in ("toy.safetensors", "toy.json"):
+        shutil.copy(base_models.TOY_WEIGHTS.parent / name, tmp_path / name)
+    before = json.loads((tmp_path / "toy.json").read_text())
+    cfg = replace(pretrain.PretrainConfig(), images_per_caption=1, batch=2, third_steps=2)
+    record = pretrain.train_on(tmp_path, cfg, 3, log=lambda _: None)
+    assert record["sha256"] == hashlib.sha256((tmp_path / "toy.safetensors").read_bytes()).hexdigest() != before["sha256"]
+    assert record["measured_after_phase_2"] == before["measured"] and "measured" not in record
+    assert len(record["phase_3_loss_curve"]) == 1 and record["config"]["third_steps"] == 2
+    assert record["seconds"] == before["seconds"] + record["phase_3_seconds"]
+    assert json.loads((tmp_path / "toy.json").read_text()) == record
+    assert cfg.phase_settings(2) == (cfg.more_steps, cfg.more_lr, cfg.more_text_lr)
 
 
 # -- what the base draws -----------------------------------------------------------------------

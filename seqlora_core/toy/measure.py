@@ -99,7 +99,8 @@ def caption_grid(host, specs: Sequence[world.Spec], path, per_row: int = 5, seed
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m seqlora_core.toy.measure [--base toy] [--seeds 16]``: the caption figures of a
     base with more pictures than ``toy.json`` records (4 seeds per held-out caption), for a
-    tighter estimate; ``--json FILE`` keeps every miss."""
+    tighter estimate; ``--json FILE`` keeps every miss; ``--grid FILE`` draws the README's view
+    of the base (the nine held-out captions, then six training ones, seed 0)."""
     import argparse
     import json
 
@@ -109,8 +110,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--base", default="toy")
     p.add_argument("--seeds", type=int, default=16, help="pictures per held-out caption (seeds 0..N-1)")
     p.add_argument("--json", default="", help="write the figures and the misses here")
+    p.add_argument("--grid", default="", help="write the held-out and six training captions' pictures here (PNG)")
     args = p.parse_args(argv)
     host = DiffusersHost.load(args.base, "cpu", torch.float32)
+    if args.grid:
+        training = world.training_specs()
+        caption_grid(host, [*world.held_out_specs(), *training[::len(training) // 6][:6]], Path(args.grid))
+        print(f"wrote {args.grid}")
     held = caption_accuracy(host, world.held_out_specs(), range(args.seeds))
     print(f"{args.base}: held-out captions followed (both colours) {held['colours']:.1%} of {held['n']} pictures "
           f"({len(world.held_out_specs())} captions x {args.seeds} seeds), shape right {held['shape']:.1%}")

@@ -1,7 +1,7 @@
 """Pretrain the ``toy`` base on the toy world, seeded, on the CPU: ``python -m seqlora_core.toy.pretrain``.
 
 The modules are ``tiny``'s (SD-1.5 block structure at small widths, the real CLIP vocabulary),
-starting from ``tiny``'s seeded random weights. Two stages:
+starting from ``tiny``'s seeded random weights. Three stages:
 
 1. **VAE** on world pictures: MSE reconstruction + a small KL term, as SD's VAE; afterwards the
    latent scale is measured (1 / std of the latent means) and recorded, as SD records 0.18215.
@@ -13,13 +13,17 @@ starting from ``tiny``'s seeded random weights. Two stages:
    means in ``toy`` what it means in ``tiny``. An exponential moving average of the weights is
    what is saved, as diffusion models usually ship.
 
-3. **Phase 2**: the denoiser trained on from phase 1's weights as shipped (fp16), at lower
-   rates on a fresh draw of the world: phase 1 alone followed 80 % of the training captions
-   and 36 % of the held-out ones (``toy.json``, ``measured_after_phase_1``).
+3. **Phases 2 and 3**: the denoiser trained on from the previous phase's weights as shipped
+   (fp16), each at lower rates than the one before and on a fresh draw of the world (draw seed
+   ``seed + phase - 1``). Phase 1 alone followed 80 % of the training captions and 36 % of the
+   held-out ones; phases 1–2 followed 98.8 % and 84 % (``toy.json``: ``measured_after_phase_1``,
+   ``measured_after_phase_2``), short of the 90 % aimed at on held-out captions; phase 3 is
+   what reached it.
 
-Then the base is measured by the world's ground truth (``toy/measure.py``) and written to
-``seqlora_core/hosts/weights/toy.safetensors`` (fp16) with ``toy.json`` beside it: the sha256
-that the loader checks, the latent scale, the settings, the seconds and the measurements.
+After each phase the base is measured by the world's ground truth (``toy/measure.py``) and
+written to ``seqlora_core/hosts/weights/toy.safetensors`` (fp16) with ``toy.json`` beside it: the
+sha256 that the loader checks, the latent scale, the settings, the seconds and the measurements.
+``--from-phase N`` starts from the weights already in ``--out`` (those of phase N - 1).
 Bit-for-bit reproduction needs the same torch build and thread count; another build gives a
 base of the same quality, not the same hash.
 """
@@ -63,6 +67,18 @@ class PretrainConfig:
     more_steps: int = 3000
     more_lr: float = 2.5e-4
     more_text_lr: float = 1e-4
+    # phase 3: the same again from phase 2's shipped weights, at lower rates still
+    third_steps: int = 3000
+    third_lr: float = 2e-4
+    third_text_lr: float = 8e-5
+
+    def phase_settings(self, phase: int) -> tuple[int, float, float]:
+        """(steps, UNet rate, text-encoder rate) of a later phase (2 or 3)."""
+        return {2: (self.more_steps, self.more_lr, self.more_text_lr),
+                3: (self.third_steps, self.third_lr, self.third_text_lr)}[phase]
+
+
+LATER_PHASES = (2, 3)
 
 
 def _canonical(prefix: str, name: str) -> str:
@@ -210,9 +226,10 @@ def measure_shipped(folder: Path, log) -> dict:
     return record
 
 
-def phase_two(folder: Path, cfg: PretrainConfig, log) -> dict:
-    """Train the denoiser on from the weights in ``folder`` (as shipped: fp16, hash checked),
-    ``cfg.more_steps`` at the lower rates, on a fresh draw of the same world pictures."""
+def train_on(folder: Path, cfg: PretrainConfig, phase: int, log) -> dict:
+    """Phase 2 or 3: train the denoiser on from the weights in ``folder`` (as shipped: fp16,
+    hash checked) for that phase's steps at its rates, on a fresh draw of the same world
+    pictures; the figures measured before it are kept as ``measured_after_phase_{phase - 1}``."""
     from dataclasses import replace
 
     from ..hosts.base_models import toy_components, toy_record
@@ -220,21 +237,24 @@ def phase_two(folder: Path, cfg: PretrainConfig, log) -> dict:
     start = time.time()
     record = toy_record(folder / "toy.safetensors")
     parts = toy_components(folder / "toy.safetensors")
-    rng = np.random.default_rng(cfg.seed + 1)
-    torch.manual_seed(cfg.seed + 1)
+    rng = np.random.default_rng(cfg.seed + phase - 1)
+    torch.manual_seed(cfg.seed + phase - 1)
     latents, index = world_latents(parts.vae, cfg, rng)
-    more = replace(cfg, steps=cfg.more_steps, lr=cfg.more_lr, text_lr=cfg.more_text_lr, warmup=100)
-    log(f"phase 2: {more.steps} more denoiser steps at {more.lr:g} / {more.text_lr:g}")
+    steps, lr, text_lr = cfg.phase_settings(phase)
+    more = replace(cfg, steps=steps, lr=lr, text_lr=text_lr, warmup=100)
+    log(f"phase {phase}: {more.steps} more denoiser steps at {more.lr:g} / {more.text_lr:g}, {torch.get_num_threads()} threads")
     unet, text_encoder, losses = train_denoiser(parts, latents, index, record["vae_scaling_factor"], more, rng, log)
     parts.unet, parts.text_encoder = unet, text_encoder
     seconds = time.time() - start
-    record.update({"config": asdict(cfg), "phase_2_seconds": round(seconds), "seconds": record["seconds"] + round(seconds),
-                   "phase_2_final_loss": float(np.mean(losses[-100:])),
-                   "phase_2_loss_curve": [round(float(np.mean(losses[i:i + 100])), 5) for i in range(0, len(losses), 100)],
-                   "measured_after_phase_1": record.pop("measured", None)})
+    record.update({"config": asdict(cfg), f"phase_{phase}_seconds": round(seconds),
+                   f"phase_{phase}_threads": torch.get_num_threads(),
+                   "seconds": record["seconds"] + round(seconds),
+                   f"phase_{phase}_final_loss": float(np.mean(losses[-100:])),
+                   f"phase_{phase}_loss_curve": [round(float(np.mean(losses[i:i + 100])), 5) for i in range(0, len(losses), 100)],
+                   f"measured_after_phase_{phase - 1}": record.pop("measured", None)})
     record.pop("fingerprint", None)
     record = save_weights(state_of(parts), record, folder)
-    log(f"phase 2 took {seconds / 60:.1f} min; wrote {folder / 'toy.safetensors'} (sha256 {record['sha256'][:16]}…)")
+    log(f"phase {phase} took {seconds / 60:.1f} min; wrote {folder / 'toy.safetensors'} (sha256 {record['sha256'][:16]}…)")
     return record
 
 
@@ -245,8 +265,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(WEIGHTS_DIR), help="folder for toy.safetensors and toy.json")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--measure-only", action="store_true", help="only measure the weights already in --out")
-    p.add_argument("--phase-two-only", action="store_true",
-                   help="only run phase 2 on the phase-1 weights already in --out, then measure")
+    p.add_argument("--from-phase", type=int, choices=(1, *LATER_PHASES), default=1,
+                   help="start at this phase, from the weights of the one before already in --out")
     args = p.parse_args(argv)
     cfg = PretrainConfig(**{k: getattr(args, k) for k in asdict(PretrainConfig())})
     if args.threads:
@@ -257,7 +277,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     if args.measure_only:
         return measure_shipped(out, log)
-    if not args.phase_two_only:
+    if args.from_phase == 1:
         start = time.time()
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
@@ -277,8 +297,12 @@ def main(argv=None) -> dict:
                   "loss_curve": [round(float(np.mean(losses[i:i + 100])), 5) for i in range(0, len(losses), 100)]}
         record = save_weights(state_of(parts), record, out)
         log(f"phase 1 took {seconds / 60:.1f} min; wrote {out / 'toy.safetensors'} (sha256 {record['sha256'][:16]}…)")
-    if cfg.more_steps:
-        phase_two(out, cfg, log)
+    for phase in LATER_PHASES:
+        if phase >= args.from_phase and cfg.phase_settings(phase)[0]:
+            if "measured" not in json.loads((out / "toy.json").read_text()):
+                log(f"measuring phase {phase - 1}'s weights")
+                measure_shipped(out, log)
+            train_on(out, cfg, phase, log)
     log("measuring")
     return measure_shipped(out, log)
 
