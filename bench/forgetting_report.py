@@ -131,10 +131,17 @@ def markdown(result: dict, json_name: str, section: str = "forgetting") -> str:
     merged = result.get("merged_from")
     how = ""
     if merged:  # one run per seed, merged (bench/forgetting.py --merge)
-        how = (f"; run here as {len(merged)} runs ("
-               + "; ".join(f"seeds {','.join(map(str, m['seeds']))}: {m['seconds_total'] / 60:.0f} min at load "
-                           f"{m['load_average_at_end'][1]:.1f}" for m in merged)
-               + "), each with `--seeds S --out DIR_S --results-md ''`, then merged with `python bench/forgetting.py "
+        split = any(m.get("presets", result["settings"]["presets"]) != result["settings"]["presets"] for m in merged)
+
+        def part(m: dict) -> str:
+            presets = m.get("presets", result["settings"]["presets"])
+            only = f" (presets {','.join(presets)})" if presets != result["settings"]["presets"] else ""
+            return (f"seeds {','.join(map(str, m['seeds']))}{only}: {m['seconds_total'] / 60:.0f} min at load "
+                    f"{m['load_average_at_end'][1]:.1f}")
+
+        how = (f"; run here as {len(merged)} runs (" + "; ".join(part(m) for m in merged)
+               + "), each with `--seeds S " + ("[--presets P] " if split else "")
+               + "--out DIR_S --results-md ''`, then merged with `python bench/forgetting.py "
                  f"--merge DIR_*/{json_name}` (the same table: seeds only change the training)")
     begin, end = markers(section)
     title = "## Forgetting, crosstalk and composition (`bench/forgetting.py`)"

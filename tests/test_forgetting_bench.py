@@ -90,6 +90,7 @@ def test_forgetting_benchmark_two_concepts_two_steps(tmp_path):
     assert merge(*halves, out="halves").returncode == 0
     rejoined = json.loads((tmp_path / "halves" / "forgetting-tiny-cpu.json").read_text())
     assert rejoined["settings"]["presets"] == ["default", "unet-cross"] and rejoined["summary"] == data["summary"]
+    assert "seeds 0 (presets default)" in results_md.read_text() and "[--presets P]" in results_md.read_text()
     lonely = merge(first, halves[0], out="lonely")  # seed 0's default preset twice
     assert lonely.returncode != 0 and "seed 0 is in both" in lonely.stderr
 
