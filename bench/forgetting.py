@@ -32,6 +32,7 @@ each method lets concepts disturb one another), not image quality.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -250,9 +251,8 @@ def merge_results(paths: list[str]) -> dict:
                 raise SystemExit(f"seed {cell[0]} is in both {seen[cell]} and {path}"
                                  + ("" if len(cells) == 1 else f" (preset {cell[1]}, method {cell[2]})"))
             seen[cell] = path
-    seeds = sorted({cell[0] for cell in seen})
-    missing = [cell for cell in ((s, p, m) for s in seeds for p in {c[1] for c in seen} for m in {c[2] for c in seen})
-               if cell not in seen]
+    seeds, presets, methods = (sorted({cell[i] for cell in seen}) for i in range(3))
+    missing = [cell for cell in itertools.product(seeds, presets, methods) if cell not in seen]
     if missing:
         raise SystemExit(f"seed {missing[0][0]} lacks preset {missing[0][1]}, method {missing[0][2]}: "
                          "every seed needs every preset and method")

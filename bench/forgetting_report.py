@@ -131,11 +131,12 @@ def markdown(result: dict, json_name: str, section: str = "forgetting") -> str:
     merged = result.get("merged_from")
     how = ""
     if merged:  # one run per seed, merged (bench/forgetting.py --merge)
-        split = any(m.get("presets", result["settings"]["presets"]) != result["settings"]["presets"] for m in merged)
+        every = result["settings"]["presets"]  # a run merged before splits were possible had them all
+        split = any(m.get("presets", every) != every for m in merged)
 
         def part(m: dict) -> str:
-            presets = m.get("presets", result["settings"]["presets"])
-            only = f" (presets {','.join(presets)})" if presets != result["settings"]["presets"] else ""
+            presets = m.get("presets", every)
+            only = f" (presets {','.join(presets)})" if presets != every else ""
             return (f"seeds {','.join(map(str, m['seeds']))}{only}: {m['seconds_total'] / 60:.0f} min at load "
                     f"{m['load_average_at_end'][1]:.1f}")
 

@@ -86,7 +86,6 @@ def test_recorded_figures_hold_what_the_readme_says():
     assert record["phase_3_final_loss"] < record["phase_2_final_loss"] < record["final_loss"]
 
 
-
 def test_a_later_phase_trains_on_from_the_shipped_file_and_records_itself(tmp_path):
     """``--from-phase 3`` in miniature (2 steps on 81 pictures): the phase starts from the weights
     in the folder, writes new ones whose sha256 its record holds, names its own figures

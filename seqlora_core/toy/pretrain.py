@@ -190,6 +190,11 @@ def train_denoiser(parts, latents: Tensor, index: list[int], scale: float, cfg: 
     return ema_unet.eval(), ema_text.eval(), losses
 
 
+def loss_curve(losses: list[float]) -> list[float]:
+    """A loss curve as ``toy.json`` keeps it: the mean of every 100 steps."""
+    return [round(float(np.mean(losses[i:i + 100])), 5) for i in range(0, len(losses), 100)]
+
+
 def save_weights(state: dict[str, Tensor], record: dict, folder: Path) -> dict:
     """``toy.safetensors`` (fp16) and ``toy.json`` with its sha256, each written atomically."""
     from ..bank.atomic import save_safetensors_atomic
@@ -250,7 +255,7 @@ def train_on(folder: Path, cfg: PretrainConfig, phase: int, log) -> dict:
                    f"phase_{phase}_threads": torch.get_num_threads(),
                    "seconds": record["seconds"] + round(seconds),
                    f"phase_{phase}_final_loss": float(np.mean(losses[-100:])),
-                   f"phase_{phase}_loss_curve": [round(float(np.mean(losses[i:i + 100])), 5) for i in range(0, len(losses), 100)],
+                   f"phase_{phase}_loss_curve": loss_curve(losses),
                    f"measured_after_phase_{phase - 1}": record.pop("measured", None)})
     record.pop("fingerprint", None)
     record = save_weights(state_of(parts), record, folder)
@@ -271,7 +276,7 @@ def main(argv=None) -> dict:
     cfg = PretrainConfig(**{k: getattr(args, k) for k in asdict(PretrainConfig())})
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..hosts.base_models import random_components
+    from ..hosts.base_models import random_components, toy_record
 
     log = lambda s: print(s, flush=True)  # noqa: E731
     out = Path(args.out)
@@ -294,12 +299,12 @@ def main(argv=None) -> dict:
         record = {"config": asdict(cfg), "vae_scaling_factor": scale, "seconds": round(seconds),
                   "vae_seconds": round(vae_seconds), "threads": torch.get_num_threads(), "torch": torch.__version__,
                   "final_vae_mse": float(np.mean(vae_losses[-100:])), "final_loss": float(np.mean(losses[-100:])),
-                  "loss_curve": [round(float(np.mean(losses[i:i + 100])), 5) for i in range(0, len(losses), 100)]}
+                  "loss_curve": loss_curve(losses)}
         record = save_weights(state_of(parts), record, out)
         log(f"phase 1 took {seconds / 60:.1f} min; wrote {out / 'toy.safetensors'} (sha256 {record['sha256'][:16]}…)")
     for phase in LATER_PHASES:
         if phase >= args.from_phase and cfg.phase_settings(phase)[0]:
-            if "measured" not in json.loads((out / "toy.json").read_text()):
+            if "measured" not in toy_record(out / "toy.safetensors"):
                 log(f"measuring phase {phase - 1}'s weights")
                 measure_shipped(out, log)
             train_on(out, cfg, phase, log)
